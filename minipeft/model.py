@@ -1,0 +1,213 @@
+"""The LLaMA decoder, all of it, in plain torch.nn.
+
+Shapes: B batch, T new tokens, S = past length + T keys, d = dim, H query heads, G = n_kv_heads,
+hd = head_dim = d / H, V vocab.
+
+    h_0     = tok_embeddings(tokens)                                   (B, T, d)   (or given input_embeds)
+    h'      = h + Attention(RMSNorm(h))                                 per layer
+    h_next  = h' + FeedForward(RMSNorm(h'))
+    logits  = output(RMSNorm(h_L))                                      (B, T, V)
+
+RMSNorm(x)      = x / sqrt(mean(x^2) + eps) * g
+RoPE            rotates each adjacent pair (x[2i], x[2i+1]) of a query/key head by the angle
+                pos * theta^(-2i/hd): Meta's complex-number form, so Meta checkpoints load unpermuted.
+Attention       softmax(q k^T / sqrt(hd) + causal mask) v, with G key/value heads shared by H/G query
+                heads each (grouped-query attention), computed by scaled_dot_product_attention.
+FeedForward     w2(silu(w1 x) * w3 x)  (SwiGLU)
+
+Cache / past key values: a list with one (k, v) pair per layer, each (B, G, S_past, hd). Keys are stored
+*after* rotation, so anything placed in the cache (a real earlier token, or a prefix-tuning prefix) is
+used exactly as stored. New tokens take positions start_pos .. start_pos+T-1, with start_pos defaulting
+to the past length.
+
+This file knows nothing about PEFT: prompt tuning uses `input_embeds`, prefix tuning uses
+`past_key_values`, and the other methods replace sub-modules (LoRALinear subclasses nn.Linear).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_float = x.float()                                                        # normalise in fp32
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) int -> cos, sin each (B, 1, T, hd/2) in float32 (the 1 broadcasts over heads)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.to(torch.float32)[..., None] * inv_freq                     # (B, T, hd/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos). x (B, heads, T, hd)."""
+    pairs = x.float().unflatten(-1, (-1, 2))                                       # (B, heads, T, hd/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)      # (B, heads, T, hd/2, 2)
+    return rotated.flatten(-2).to(x.dtype)                                         # (B, heads, T, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, T, d) -> rotated q (B, H, T, hd), rotated k (B, G, T, hd), v (B, G, T, hd)."""
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, G, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, G, T, hd)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """q (B, H, T, hd), k/v (B, G, S, hd), mask (B or 1, 1, T, S) bool (True = may attend) or None for
+        plain causal attention with no past. Returns (B, H, T, hd)."""
+        repeats = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(repeats, dim=1)                                    # (B, H, S, hd)
+        v = v.repeat_interleave(repeats, dim=1)                                    # (B, H, S, hd)
+        is_causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        """x (B, T, d) -> (B, T, d), and this layer's updated (k, v) with the past in front."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                      # (B, G, S, hd)
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        out = self.attend(q, k, v, mask)                                           # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)      # (B, T, H*hd)
+        return self.wo(out), (k, v)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)   # gate
+        self.w2 = nn.Linear(cfg.ffn_hidden_dim, cfg.dim, bias=False)   # down
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden_dim, bias=False)   # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))                            # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, h, cos, sin, mask, past_kv=None):
+        attn_out, new_kv = self.attention(self.attention_norm(h), cos, sin, mask, past_kv)
+        h = h + attn_out
+        h = h + self.feed_forward(self.ffn_norm(h))
+        return h, new_kv
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False   # recompute each block's activations in backward
+        if self.output.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for training from scratch (nanoGPT-style): N(0, std) for every matrix, ones for norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self,
+        tokens: Optional[torch.Tensor] = None,         # (B, T) int64
+        *,
+        input_embeds: Optional[torch.Tensor] = None,   # (B, T, d), instead of tokens
+        past_key_values: Optional[KVCache] = None,     # per layer (k, v), each (B, G, S_past, hd)
+        start_pos: Optional[int] = None,               # position of the first new token; default S_past
+        position_ids: Optional[torch.Tensor] = None,   # (B, T) explicit positions (e.g. left padding)
+        attention_mask: Optional[torch.Tensor] = None, # (B, S_past + T) or (B, T): 1 = real key, 0 = padding
+        use_cache: bool = False,
+    ):
+        """Returns logits (B, T, V); with use_cache=True, (logits, cache) where cache holds past + new keys."""
+        if (tokens is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of tokens or input_embeds")
+        h = self.tok_embeddings(tokens) if tokens is not None else input_embeds      # (B, T, d)
+        B, T, _ = h.shape
+        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
+
+        if position_ids is None:
+            first = past_len if start_pos is None else start_pos
+            position_ids = torch.arange(first, first + T, device=h.device).expand(B, T)   # (B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        mask = self.build_mask(B, T, past_len, attention_mask, h.device)
+
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            past_kv = past_key_values[i] if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, kv = checkpoint(layer, h, cos, sin, mask, past_kv, use_reentrant=False)
+            else:
+                h, kv = layer(h, cos, sin, mask, past_kv)
+            new_cache.append(kv)
+        logits = self.output(self.norm(h))                                             # (B, T, V)
+        return (logits, new_cache) if use_cache else logits
+
+    @staticmethod
+    def build_mask(B: int, T: int, past_len: int, attention_mask: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+        """Boolean (B|1, 1, T, S) mask, True where query t may attend key s; None for plain causal, no past.
+
+        Causal: key s is visible to new token t when s <= past_len + t. Padding keys (attention_mask 0) are
+        hidden, except that every token always sees itself, so a padding row never has nothing to attend
+        to (its output is ignored anyway)."""
+        S = past_len + T
+        if attention_mask is None and past_len == 0:
+            return None
+        query_pos = torch.arange(past_len, S, device=device)[:, None]                 # (T, 1)
+        key_pos = torch.arange(S, device=device)[None, :]                             # (1, S)
+        mask = (key_pos <= query_pos)[None, None]                                     # (1, 1, T, S)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+            if attention_mask.shape[1] == T and past_len > 0:                         # past keys all real
+                attention_mask = torch.cat([attention_mask.new_ones(B, past_len), attention_mask], dim=1)
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+            mask = mask & attention_mask[:, None, None, :]                            # (B, 1, T, S)
+            mask = mask | (key_pos == query_pos)[None, None]                          # a token sees itself
+        return mask
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
