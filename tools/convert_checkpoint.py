@@ -1,0 +1,47 @@
+"""Convert a Meta (params.json + consolidated.NN.pth) or Hugging Face LLaMA folder into minipeft's folder format.
+
+    python tools/convert_checkpoint.py SRC OUT [--dtype float16|bfloat16|float32] [--max-shard-size 5GB]
+
+The format is detected from SRC's contents. Tensors are streamed one at a time (memory-mapped .pth,
+safetensors read tensor by tensor), so peak memory stays near one copy of the weights. OUT must not exist;
+it is written under a temporary name and renamed at the end, so a failed conversion leaves nothing behind.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+
+from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="Meta or Hugging Face LLaMA checkpoint folder")
+    parser.add_argument("out", help="output folder (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="convert floating-point weights to this dtype (default: keep the source's)")
+    parser.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE),
+                        help="split model.safetensors into shards above this size, e.g. 5GB, 200MB (default 5GB)")
+    args = parser.parse_args(argv)
+    try:
+        summary = convert_checkpoint(args.src, args.out, dtype=DTYPES.get(args.dtype),
+                                     max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit()
+                                     else args.max_shard_size)
+    except ValueError as e:    # CheckpointError / ConfigError: the message names the file and the problem
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cfg = summary["config"]
+    print(f"format detected : {summary['format']}")
+    print(f"model           : dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
+          f"({cfg.n_kv_heads} kv), ffn {cfg.ffn_hidden_dim}, vocab {cfg.vocab_size}")
+    print(f"parameters      : {summary['num_parameters']:,}")
+    print(f"dtype           : {summary['dtype']}")
+    print(f"tokenizer.model : {'copied' if summary['tokenizer'] else 'none in source'}")
+    print(f"written to      : {summary['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
