@@ -1,0 +1,115 @@
+"""SentencePiece tokenizer: text <-> token ids, exactly as `sentencepiece` itself computes them.
+
+LLaMA's tokenizer is a SentencePiece BPE model. A few words:
+
+- BOS / EOS: the "beginning of sequence" (id 1 in LLaMA) and "end of sequence" (id 2) control tokens. A
+  prompt starts with BOS; a training target ends with EOS, so the model learns to emit EOS when its answer
+  is finished, and generation stops there. They are not text: `decode` drops them.
+- Byte fallback: the vocabulary also holds the 256 byte pieces `<0x00>` .. `<0xFF>`. A character with no
+  piece of its own (a rare Chinese character, an emoji) is encoded as the pieces of its UTF-8 bytes
+  instead of the unknown token, so every string survives encode -> decode.
+- Padding: LLaMA's model has no pad piece (its pad id is -1). For batching we then use id 0 (the unknown
+  token) as `pad_id`; padded positions are masked out everywhere, so the choice of id does not matter.
+
+Ids are those of `SentencePieceProcessor.encode(text)`, with `bos_id` put in front and `eos_id` behind
+when asked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Sequence
+
+import sentencepiece as spm
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used, or ids / text it cannot handle; the message names the file."""
+
+
+class Tokenizer:
+    def __init__(self, model_path):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            what = "is a directory" if self.path.is_dir() else "does not exist"
+            raise TokenizerError(f"tokenizer model {self.path} {what}; expected a SentencePiece .model file")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(self.path))
+        except (RuntimeError, OSError) as err:
+            raise TokenizerError(f"{self.path} is not a SentencePiece model ({err})") from None
+        # The ids decode() leaves out. Without a pad piece pad_id is 0 (unk), which byte fallback never
+        # produces from text, so dropping it loses nothing.
+        self._special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i >= 0}
+
+    # ---- vocabulary --------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @property
+    def pad_id(self) -> int:
+        """The model's pad piece if it has one, else 0 (the unknown token), for padding batches."""
+        pad = self.sp.pad_id()
+        return pad if pad >= 0 else 0
+
+    def id_to_piece(self, token_id: int) -> str:
+        self._check_ids([token_id])
+        return self.sp.id_to_piece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a piece, e.g. "▁the" or "<0xE4>"; a piece not in the vocabulary gives unk_id."""
+        return self.sp.piece_to_id(piece)
+
+    # ---- text <-> ids ------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> List[int]:
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        return self._add_special(self.sp.encode(text), bos, eos)
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> List[List[int]]:
+        """encode() for each text (sentencepiece encodes the list in one call)."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TokenizerError(f"encode_batch expects strings, item {i} is a {type(text).__name__}")
+        return [self._add_special(ids, bos, eos) for ids in self.sp.encode(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """ids (a list, or a 1-D tensor) -> text, leaving out BOS, EOS and padding."""
+        ids = [int(i) for i in ids]
+        self._check_ids(ids)
+        return self.sp.decode([i for i in ids if i not in self._special_ids])
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def _add_special(self, ids: List[int], bos: bool, eos: bool) -> List[int]:
+        if bos:
+            if self.bos_id < 0:
+                raise TokenizerError(f"{self.path} has no BOS piece; call encode(..., bos=False)")
+            ids = [self.bos_id] + ids
+        if eos:
+            if self.eos_id < 0:
+                raise TokenizerError(f"{self.path} has no EOS piece; call encode(..., eos=False)")
+            ids = ids + [self.eos_id]
+        return ids
+
+    def _check_ids(self, ids: List[int]) -> None:
+        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token ids {bad[:5]} are outside the vocabulary of {self.path} "
+                                 f"(0 .. {self.vocab_size - 1})")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
