@@ -1,0 +1,145 @@
+"""LoRA: a frozen linear map plus a trainable low-rank update (Hu et al., 2021).
+
+Shapes: x (..., d_in), W0 (d_out, d_in) frozen, A (r, d_in), B (d_out, r), r << min(d_in, d_out).
+
+    y = x W0^T + s * dropout(x) A^T B^T,        s = alpha / r          (..., d_out)
+
+which is the linear map with weight W0 + Delta W, Delta W = s * B A (d_out, d_in), when dropout is off.
+
+Init: A is Kaiming-uniform (a = sqrt(5), the same rule nn.Linear uses for its own weight), B is zero, so
+Delta W = 0 and the model starts exactly as the base model. At the first step the gradient of A is
+exactly zero (it is multiplied by B = 0) and only B moves.
+
+Trainable parameters per replaced linear: r * (d_in + d_out). For LLaMA-7B (d = 4096, 32 layers), r = 8
+on wq and wv: 32 * 2 * 8 * (4096 + 4096) = 4,194,304.
+
+`merge()` folds Delta W into W0 (inference at the base model's cost); `unmerge()` subtracts it again.
+LoRALinear subclasses nn.Linear, so the frozen weight keeps its name `weight` and a checkpoint of the base
+loads into a LoRA model unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .api import PeftConfigError
+
+# Names of the Linear modules of our Transformer that LoRA may target (the last component of the name).
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear (frozen W0, optional bias) + s * B A on a dropout of the input. See the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
+                 bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._add_lora(rank, alpha, dropout)
+
+    def _add_lora(self, rank: int, alpha: float, dropout: float) -> None:
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        device, dtype = self.weight.device, self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))   # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))  # (d_out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
+        """Wrap an existing nn.Linear: its weight (and bias) Parameter objects are reused, not copied."""
+        lora = cls(linear.in_features, linear.out_features, rank, alpha, dropout,
+                   bias=linear.bias is not None, device="meta")          # no memory for a throwaway weight
+        lora.weight = linear.weight
+        lora.bias = linear.bias
+        lora._add_lora(rank, alpha, dropout)                               # A, B on the weight's device/dtype
+        return lora
+
+    def delta_weight(self) -> torch.Tensor:
+        """Delta W = s * B A, (d_out, d_in), computed in float32 and returned in the weight's dtype."""
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())   # (d_out, d_in)
+        return delta.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)                              # (..., d_out)
+        if self.merged:
+            return y
+        lora_in = self.lora_dropout(x).to(self.lora_A.dtype)                 # (..., d_in)
+        update = F.linear(F.linear(lora_in, self.lora_A), self.lora_B)       # (..., r) -> (..., d_out)
+        return y + (self.scaling * update).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + s B A; the forward then skips the LoRA path."""
+        if not self.merged:
+            self.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 <- W0 - s B A (restores W0 up to rounding)."""
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear whose weight is W0 + Delta W (the LoRA parameters are dropped)."""
+        with torch.no_grad():
+            weight = self.weight if self.merged else self.weight + self.delta_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.detach(), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def check_lora_config(config) -> None:
+    if not isinstance(config.rank, int) or config.rank <= 0:
+        raise PeftConfigError(f"LoRAConfig.rank must be a positive integer, got {config.rank!r}")
+    if not (0.0 <= config.dropout < 1.0):
+        raise PeftConfigError(f"LoRAConfig.dropout must be in [0, 1), got {config.dropout!r}")
+    targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+    if not targets:
+        raise PeftConfigError(f"LoRAConfig.targets is empty; choose some of {list(LORA_TARGETS)}")
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown:
+        raise PeftConfigError(f"LoRAConfig.targets: unknown target(s) {unknown}; expected names from "
+                              f"{list(LORA_TARGETS)} (the last component of a Linear module's name)")
+
+
+def install_lora(model: nn.Module, config) -> Dict[str, LoRALinear]:
+    """Replace every nn.Linear of `model` whose last name component is in config.targets by a LoRALinear
+    reusing its weight. Returns {module name: LoRALinear}. Raises PeftConfigError for a bad config."""
+    check_lora_config(config)
+    targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
+              and name.rsplit(".", 1)[-1] in targets]
+    found = {name.rsplit(".", 1)[-1] for name, _ in chosen}
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise PeftConfigError(f"LoRAConfig.targets: {missing} match no nn.Linear module of the model")
+    for name, linear in chosen:
+        limit = min(linear.in_features, linear.out_features)
+        if config.rank > limit:
+            raise PeftConfigError(f"LoRAConfig.rank {config.rank} is larger than min(d_in, d_out) = {limit} "
+                                  f"of {name} ({linear.in_features} -> {linear.out_features})")
+
+    installed = {}
+    for name, linear in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lora = LoRALinear.from_linear(linear, config.rank, config.alpha, config.dropout)
+        setattr(parent, child, lora)
+        installed[name] = lora
+    return installed
