@@ -12,7 +12,7 @@ import torch
 from helpers_peft import assert_logits_close, hf_key_layout_to_ours, rope_f64, tiny_hf_pair
 from minipeft.config import ModelConfig
 from minipeft.model import Transformer, rope_cos_sin
-from minipeft.peft.api import PrefixConfig
+from minipeft.peft import PrefixConfig, apply_peft
 from minipeft.peft.prefix import PrefixKV
 
 
@@ -169,6 +169,11 @@ def test_prefix_matches_hf_peft_prefix_tuning():
         theirs = peft_model(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
         mine = ours(tokens, past_key_values=prefix(2))
     assert_logits_close(mine, theirs)
+    # through apply_peft: the wrapper feeds the prefix and shifts positions itself
+    wrapped = apply_peft(copy.deepcopy(ours), PrefixConfig(prefix_len=4, reparam_hidden=None))
+    wrapped.prefix.load_state_dict(prefix.state_dict())
+    with torch.no_grad():
+        assert_logits_close(wrapped(tokens, attention_mask=torch.ones_like(tokens)), theirs)
     # and the prefix does matter: without it the logits are far off
     with torch.no_grad():
         assert (ours(tokens) - theirs).abs().max() > 1e-2

@@ -1,0 +1,125 @@
+"""LLaMA-Adapter (Zhang et al. 2023): a gated, zero-initialised adaption prompt on the top L layers.
+
+Shapes: B batch, T new tokens, S = past + T keys, K = prompt_len, d = model dim, H query heads,
+G = n_kv_heads, hd = head_dim.
+
+In each adapted layer, with the layer's own frozen projections wq, wk, wv, wo:
+
+    q, k, v     = Attention.project(x)            (B,H,T,hd) rotated, (B,G,S,hd) rotated, (B,G,S,hd)
+    A           = softmax(q k^T / sqrt(hd) + mask) v                   (B, H, T, hd)   the normal attention
+    P           = adapter_prompt                                       (K, d)          trainable
+    k_p, v_p    = wk(P), wv(P) viewed as (G, K, hd), NOT rotated, each repeated H/G times -> (H, K, hd),
+                  shared by every row of the batch
+    A_p         = softmax(q k_p^T / sqrt(hd)) v_p  (softmax in float32) (B, H, T, hd)
+    out         = wo( A + gate[h] * A_p )          gate = tanh(adapter_gate) (default) or adapter_gate
+                                                   ("plain", as lit-llama / peft), adapter_gate (H,) zeros
+
+The prompt has its own softmax. One softmax over [k_p ; k] would renormalise the real tokens'
+probabilities, so it would change the output even at initialisation; with the separate softmax the real
+attention A is untouched and the prompt adds a gated term, so with adapter_gate = 0 the model is
+bit-for-bit the base model (A + 0 = A). The prompt never changes the queries, the real keys or the cache:
+prompt keys/values are recomputed on every call (K is small) and never enter the KV cache.
+
+adapter_prompt starts N(0, 1): the prompt stands where a hidden state RMSNorm(h) would stand (unit RMS),
+so its keys/values have the scale of real ones; this is what the official LLaMA-Adapter, lit-llama and
+peft do. It must be random rather than zeros: zero prompt keys give a uniform softmax over identical zero
+values, A_p = 0, and then neither the gate nor the prompt would ever receive a gradient. At step one only
+the gate gets a gradient (the prompt's is exactly 0 because gate = tanh(0) = 0, while dtanh/dg = 1 at 0).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.nn as nn
+
+from ..model import Attention, Transformer
+
+GATE_KINDS = ("tanh", "plain")
+
+
+def _config_error(message: str) -> ValueError:
+    """A PeftConfigError from api.py (imported here, not at the top: api.py imports this module)."""
+    from .api import PeftConfigError
+    return PeftConfigError(message)
+
+
+class GatedAdapterPrompt(Attention):
+    """An Attention that reuses a frozen layer's wq/wk/wv/wo and adds the gated adaption-prompt term.
+
+    Same forward signature and return value as Attention: (x, cos, sin, mask, past_kv) -> (out, (k, v)).
+    Attention.__init__ is deliberately not called: it would build new projections, and the point is to keep
+    the layer's own modules (so their names stay `attention.wq.weight`, ...)."""
+
+    def __init__(self, attention: Attention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
+        nn.Module.__init__(self)
+        if not isinstance(prompt_len, int) or prompt_len <= 0:
+            raise _config_error(f"LlamaAdapterConfig.prompt_len must be a positive integer, got {prompt_len!r}")
+        if gate not in GATE_KINDS:
+            raise _config_error(f"LlamaAdapterConfig.gate must be one of {GATE_KINDS}, got {gate!r}")
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        self.prompt_len, self.gate_kind = prompt_len, gate
+        weight = attention.wq.weight                                                   # for device and dtype
+        dim = weight.shape[1]
+        prompt = torch.empty(prompt_len, dim, device=weight.device, dtype=weight.dtype)
+        self.adapter_prompt = nn.Parameter(prompt.normal_(0.0, init_std))                  # (K, d)
+        self.adapter_gate = nn.Parameter(torch.zeros(self.n_heads, device=weight.device, dtype=weight.dtype))
+
+    def gate_values(self) -> torch.Tensor:
+        """(H,) the factor each head's prompt attention is multiplied by."""
+        return torch.tanh(self.adapter_gate) if self.gate_kind == "tanh" else self.adapter_gate
+
+    def prompt_attention(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, hd) rotated queries -> gate * softmax(q k_p^T / sqrt(hd)) v_p, (B, H, T, hd) in q's dtype."""
+        K, G, hd = self.prompt_len, self.n_kv_heads, self.head_dim
+        repeats = self.n_heads // G
+        prompt = self.adapter_prompt.to(self.wk.weight.dtype)                           # (K, d)
+        prompt_k = self.wk(prompt).view(K, G, hd).transpose(0, 1)                       # (G, K, hd), no RoPE
+        prompt_v = self.wv(prompt).view(K, G, hd).transpose(0, 1)                       # (G, K, hd)
+        prompt_k = prompt_k.repeat_interleave(repeats, dim=0).float()                  # (H, K, hd)
+        prompt_v = prompt_v.repeat_interleave(repeats, dim=0).float()                  # (H, K, hd)
+        scores = q.float() @ prompt_k.transpose(-1, -2) / math.sqrt(hd)                # (B, H, T, K)
+        probs = torch.softmax(scores, dim=-1)                                          # (B, H, T, K) float32
+        gated = probs * self.gate_values().float().view(1, -1, 1, 1)                   # (B, H, T, K)
+        return (gated @ prompt_v).to(q.dtype)                                          # (B, H, T, hd)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        """x (B, T, d) -> (B, T, d), and this layer's (k, v) with the past in front (prompt not included)."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                          # (B, G, S, hd)
+            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        out = self.attend(q, k, v, mask) + self.prompt_attention(q)                    # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)          # (B, T, H*hd)
+        return self.wo(out), (k, v)
+
+    def extra_repr(self) -> str:
+        return f"prompt_len={self.prompt_len}, n_heads={self.n_heads}, gate={self.gate_kind!r}"
+
+
+def install_llama_adapter(model: Transformer, config) -> List[str]:
+    """Replace layers[i].attention by a GatedAdapterPrompt for the top L layers of `model` (in place).
+
+    L = config.adapter_layers, or min(30, n_layers) when None. Returns the names of the new trainable
+    parameters (`layers.{i}.attention.adapter_prompt`, `layers.{i}.attention.adapter_gate`)."""
+    n_layers = len(model.layers)
+    adapter_layers = config.adapter_layers if config.adapter_layers is not None else min(30, n_layers)
+    if not isinstance(adapter_layers, int) or not 1 <= adapter_layers <= n_layers:
+        raise _config_error(f"LlamaAdapterConfig.adapter_layers must be between 1 and the model's n_layers "
+                            f"({n_layers}), got {config.adapter_layers!r}")
+    if not isinstance(config.prompt_len, int) or config.prompt_len <= 0:
+        raise _config_error(f"LlamaAdapterConfig.prompt_len must be a positive integer, got {config.prompt_len!r}")
+    if config.gate not in GATE_KINDS:
+        raise _config_error(f"LlamaAdapterConfig.gate must be one of {GATE_KINDS}, got {config.gate!r}")
+    names = []
+    for i in range(n_layers - adapter_layers, n_layers):
+        block = model.layers[i]
+        if isinstance(block.attention, GatedAdapterPrompt):
+            raise _config_error(f"layer {i} already has a LLaMA-Adapter prompt; install it only once")
+        block.attention = GatedAdapterPrompt(block.attention, config.prompt_len, config.gate)
+        names += [f"layers.{i}.attention.adapter_prompt", f"layers.{i}.attention.adapter_gate"]
+    return names
