@@ -1,0 +1,126 @@
+"""Text generation with a KV cache: greedy decoding, or temperature + top-k + top-p (nucleus) sampling.
+
+Batching prompts of different lengths (B prompts, longest T tokens): each prompt is *left*-padded to T,
+
+    tokens          (B, T)   pad .. pad p_0 .. p_{n-1}
+    attention_mask  (B, T)   0   .. 0   1   .. 1          padding is never attended to
+    position_ids    (B, T)   0   .. 0   0   .. n-1        each row's real tokens count from 0
+
+so every row computes exactly what its prompt computes alone. The first call runs the whole padded prompt
+and returns the cache (per layer k, v each (B, n_kv_heads, T, head_dim)); after that each step feeds one
+token per row (B, 1) at position n, n+1, .. with the mask grown by a 1, reusing the cache.
+
+Choosing the next token from the last logits z (B, V):
+- temperature 0: greedy, argmax z.
+- otherwise z / temperature, then top-k keeps the k largest logits, then top-p keeps the nucleus: with the
+  probabilities sorted p_(1) >= p_(2) >= ..., the smallest m such that p_(1) + .. + p_(m) >= top_p; token
+  (i) is kept iff the mass before it, p_(1) + .. + p_(i-1), is < top_p (so the top token is always kept).
+  The kept probabilities are renormalised and one token is drawn from them.
+
+The model is called only as `model(tokens, past_key_values=..., position_ids=..., attention_mask=...,
+use_cache=True) -> (logits, cache)`, so a Transformer and a PeftModel both work.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+class GenerationError(ValueError):
+    """Arguments generate() cannot work with; the message names the argument."""
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """logits (B, V) -> the same with all but the top_k largest of each row set to -inf."""
+    if top_k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]                  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits (B, V) -> the same with every token outside the nucleus of mass top_p set to -inf."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)               # (B, V)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs                        # (B, V)
+    remove_sorted = mass_before >= top_p                                            # never the top token
+    remove = remove_sorted.scatter(-1, order, remove_sorted)                        # back to vocab order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None) -> torch.Tensor:
+    """Sampling distribution (B, V) from the last logits (B, V), for temperature > 0."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return logits.softmax(dim=-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, eos_id: Optional[int] = None,
+             seed: Optional[int] = None, pad_id: int = 0) -> List[List[int]]:
+    """Returns the new tokens of each prompt (a row that emits eos_id ends with it and stops there).
+    Greedy when temperature == 0 (top_k / top_p / seed are then unused)."""
+    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    batch_size, longest = len(prompts), max(len(p) for p in prompts)
+
+    tokens = torch.full((batch_size, longest), pad_id, dtype=torch.long)            # (B, T)
+    attention_mask = torch.zeros(batch_size, longest, dtype=torch.long)            # (B, T)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        attention_mask[row, longest - len(prompt):] = 1
+    tokens, attention_mask = tokens.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)                  # (B, T)
+    next_position = attention_mask.sum(dim=1, keepdim=True)                         # (B, 1) = prompt lengths
+
+    generator = None
+    if temperature > 0 and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    new_tokens: List[List[int]] = [[] for _ in prompts]
+    finished = [False] * batch_size
+    cache = None
+    for step in range(max_new_tokens):
+        logits, cache = model(tokens, past_key_values=cache, position_ids=position_ids,
+                              attention_mask=attention_mask, use_cache=True)        # (B, T or 1, V)
+        last_logits = logits[:, -1, :]                                              # (B, V)
+        if temperature == 0:
+            next_tokens = last_logits.argmax(dim=-1)                                # (B,)
+        else:
+            probs = next_token_probs(last_logits, temperature, top_k, top_p)        # (B, V)
+            next_tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]   # (B,)
+
+        for row, token in enumerate(next_tokens.tolist()):
+            if not finished[row]:
+                new_tokens[row].append(token)
+                finished[row] = token == eos_id
+        if all(finished):
+            break
+
+        tokens = next_tokens[:, None]                                               # (B, 1)
+        position_ids = next_position + step                                         # (B, 1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
+    return new_tokens
+
+
+def _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+    if len(prompts) == 0:
+        raise GenerationError("prompts is empty; expected a list of token-id lists")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise GenerationError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p}")

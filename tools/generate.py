@@ -1,0 +1,75 @@
+"""Generate text from a minipeft checkpoint folder, optionally with a trained adapter on top.
+
+    python tools/generate.py CHECKPOINT_FOLDER --prompt "..." [--prompt "..."] [--max-new-tokens 64]
+        [--temperature 0] [--top-k K] [--top-p P] [--seed S] [--adapter ADAPTER_FOLDER] [--alpaca]
+        [--tokenizer PATH] [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+
+Temperature 0 (the default) is greedy decoding. --alpaca wraps each prompt in the Alpaca template used
+for fine-tuning (minipeft.data.format_prompt). The tokenizer is CHECKPOINT_FOLDER/tokenizer.model unless
+--tokenizer is given. All prompts run as one left-padded batch; generation stops at the tokenizer's EOS.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from minipeft.checkpoint import DTYPES, load_model  # noqa: E402
+from minipeft.data import format_prompt  # noqa: E402
+from minipeft.generate import generate  # noqa: E402
+from minipeft.peft import load_adapter  # noqa: E402
+from minipeft.tokenizer import Tokenizer  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="our checkpoint folder (config.json + model.safetensors [+ tokenizer.model])")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--adapter", default=None, help="adapter folder written by save_adapter / finetune")
+    parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca template")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint folder's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
+    args = parser.parse_args(argv)
+
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        print(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer PATH", file=sys.stderr)
+        return 1
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+        model = load_model(args.checkpoint, dtype=DTYPES.get(args.dtype), device=args.device)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
+                  f"{model.config.vocab_size}", file=sys.stderr)
+            return 1
+        if args.adapter:
+            model = load_adapter(model, args.adapter).to(args.device).eval()
+        texts = [format_prompt(p) if args.alpaca else p for p in args.prompt]
+        prompts = [tokenizer.encode(text, bos=True) for text in texts]
+        outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
+    except ValueError as e:   # CheckpointError, TokenizerError, PeftConfigError, GenerationError: clear messages
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    for i, (text, prompt_ids, new_ids) in enumerate(zip(texts, prompts, outputs)):
+        if len(texts) > 1:
+            print(f"===== prompt {i + 1} of {len(texts)}")
+        if args.alpaca:   # the response was trained as a text of its own after the template
+            print(text + tokenizer.decode(new_ids))
+        else:             # a continuation: decode it together with the prompt, so the spaces join right
+            print(tokenizer.decode(prompt_ids + new_ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
