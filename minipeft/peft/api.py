@@ -13,6 +13,21 @@ its virtual tokens are its own business:
   P ones in front of the attention mask.
 - The returned logits are aligned with the given tokens (a soft prompt's P positions are dropped).
 - `past_key_values` given back to it is the cache it returned (prefix / prompt keys already in front).
+
+`PeftModel.loss(tokens, labels)` is the mean next-token cross-entropy in float32: logits[:, t] predicts
+labels[:, t+1] (labels aligned with tokens), labels of -100 are skipped.
+
+Adapter folders (`save_adapter` / `load_adapter`):
+
+    adapter_config.json   {"method", "config": the dataclass fields, "base_config": ModelConfig.fingerprint(),
+                           "minipeft_version"}
+    adapter.safetensors   only the method's tensors, under the base model's names without a prefix
+                          (layers.0.attention.wq.lora_A, ...; soft_prompt.weight; prefix.prefix_keys /
+                          prefix.prefix_values (L, G, P, hd), a prefix always saved folded)
+
+"full" writes the whole model with checkpoint.save_model (config.json + model.safetensors) beside its
+adapter_config.json. Loading checks the fingerprint field by field, so an adapter never lands on another base.
+`export_lora_to_hf_peft` writes Hugging Face peft's layout instead (see its docstring).
 """
 
 from __future__ import annotations
