@@ -1,7 +1,8 @@
 """Tokenizer: ids equal sentencepiece's own, round trips, BOS/EOS/pad handling, clear errors for bad files."""
 
-import sentencepiece as spm
 import pytest
+import sentencepiece as spm
+import torch
 
 from minipeft.tokenizer import Tokenizer, TokenizerError
 from helpers_tokenizer import train_tiny_sentencepiece
@@ -92,7 +93,6 @@ def test_decode_skips_bos_eos_and_pad(model_paths):
 
 
 def test_decode_accepts_a_tensor(tok):
-    torch = pytest.importorskip("torch")
     ids = tok.encode(TEXTS["mixed"])
     assert tok.decode(torch.tensor(ids)) == TEXTS["mixed"]
 
