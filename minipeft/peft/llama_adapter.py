@@ -13,6 +13,8 @@ In each adapted layer, with the layer's own frozen projections wq, wk, wv, wo:
     A_p         = softmax(q k_p^T / sqrt(hd)) v_p  (softmax in float32) (B, H, T, hd)
     out         = wo( A + gate[h] * A_p )          gate = tanh(adapter_gate) (default) or adapter_gate
                                                    ("plain", as lit-llama / peft), adapter_gate (H,) zeros
+                  (= wo(A) + wo(gate * A_p): wo is linear, so adding before or after wo is the same; peft adds
+                  after, this adds before)
 
 The prompt has its own softmax. One softmax over [k_p ; k] would renormalise the real tokens'
 probabilities, so it would change the output even at initialisation; with the separate softmax the real
