@@ -1,0 +1,335 @@
+"""Alpaca-format records -> prompt template -> token ids + labels (prompt masked), batching, splits.
+
+A record is a JSON object with `instruction`, an optional `input` and `output` (the Alpaca format). The
+file is either one JSON list of records or JSON Lines (one record per line).
+
+Template (Stanford Alpaca), with input:
+
+    Below is an instruction that describes a task, paired with an input that provides further context.
+    Write a response that appropriately completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n
+    ### Input:\\n{input}\\n\\n### Response:\\n
+
+and without input the ", paired with ..." clause and the "### Input" section are left out.
+
+One example (T = P + R tokens):
+
+    prompt_ids   = [BOS] + sp(prompt text)                       P tokens
+    response_ids = sp(output) + [EOS]                            R tokens
+    input_ids    = prompt_ids + response_ids                     (T,)
+    labels       = [-100] * P + response_ids                     (T,)   (= input_ids with train_on_prompt)
+
+The prompt and the response are encoded separately, so the ids the model sees after the prompt in
+training are exactly the ids `generate` produces after the same prompt. Labels are aligned with
+input_ids; the loss shifts them: logits[:, t] predicts labels[:, t + 1] (see `causal_lm_loss`).
+
+Truncation to max_seq_len (T > max_seq_len) never silently drops the whole response:
+  1. the prompt is cut first, keeping BOS and the prompt's *end* (the "### Response:" marker and the
+     instruction/input text nearest to it), down to a minimum of BOS + the marker's tokens;
+  2. only if the response still does not fit is the response cut, keeping its *beginning* (its EOS
+     is then lost);
+  3. if not even one response token fits beside the minimal prompt, the record is dropped.
+Truncated and dropped records are counted in `EncodeStats`.
+
+Malformed records (not an object, missing or non-string fields, empty instruction and output) are
+reported with their index and skipped, or refused with a `DataError` when strict=True.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+IGNORE_INDEX = -100   # label of positions that do not count in the loss (prompt, padding)
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+RESPONSE_MARKER = "### Response:\n"
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used; the message names the file, record index and field."""
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for one record (the response follows it directly)."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# ---- reading records ----------------------------------------------------------------------------
+@dataclass
+class Record:
+    instruction: str
+    output: str
+    input: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.instruction, self.input)
+
+
+@dataclass
+class Problem:
+    index: int        # position of the record in the file (0-based; the line number - 1 for JSON Lines)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record {self.index}: {self.reason}"
+
+
+def record_problem(obj) -> Optional[str]:
+    """What is wrong with one decoded JSON value as an Alpaca record, or None if it is usable."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object with instruction/input/output, got {type(obj).__name__}"
+    for key in ("instruction", "output"):
+        if key not in obj:
+            return f"missing field {key!r}"
+    for key in ("instruction", "input", "output"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            return f"field {key!r} must be a string, got {type(obj[key]).__name__}"
+    if not (obj["output"] or "").strip():
+        if not (obj["instruction"] or "").strip():
+            return "instruction and output are both empty"
+        return "output is empty (nothing to learn)"
+    return None
+
+
+def parse_records(values: Sequence, *, strict: bool = False, source: str = "records",
+                  indices: Optional[Sequence[int]] = None) -> Tuple[List[Record], List[Problem]]:
+    """Decoded JSON values -> (good records, problems). strict=True raises on the first problem."""
+    records, problems = [], []
+    for position, obj in enumerate(values):
+        index = indices[position] if indices is not None else position
+        reason = record_problem(obj)
+        if reason is None:
+            records.append(Record(instruction=obj["instruction"] or "", output=obj["output"],
+                                  input=obj.get("input") or ""))
+        elif strict:
+            raise DataError(f"{source}: record {index}: {reason}")
+        else:
+            problems.append(Problem(index, reason))
+    return records, problems
+
+
+def read_records(path, *, strict: bool = False) -> Tuple[List[Record], List[Problem]]:
+    """Read an Alpaca JSON list or JSON Lines file -> (records, problems). Lines that are not valid JSON
+    are problems too (with their 0-based line index); a file that is neither format is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(values, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(values).__name__}")
+        return parse_records(values, strict=strict, source=str(path))
+
+    if stripped.startswith("{") and "\n" in stripped.strip():
+        try:
+            json.loads(text)
+            raise DataError(f"{path}: one JSON object; expected a JSON list of records or JSON Lines (one per line)")
+        except json.JSONDecodeError:
+            pass                                            # JSON Lines: each line is checked below
+    values, indices, problems = [], [], []
+    for index, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            values.append(json.loads(line))
+            indices.append(index)
+        except json.JSONDecodeError as err:
+            if strict:
+                raise DataError(f"{path}: record {index}: line is not valid JSON ({err.msg})") from None
+            problems.append(Problem(index, f"line is not valid JSON ({err.msg})"))
+    records, more_problems = parse_records(values, strict=strict, source=str(path), indices=indices)
+    problems = sorted(problems + more_problems, key=lambda p: p.index)
+    if not records and not problems:
+        raise DataError(f"{path}: no records (expected a JSON list or JSON Lines of Alpaca records)")
+    return records, problems
+
+
+# ---- tokenising ---------------------------------------------------------------------------------
+@dataclass
+class Example:
+    input_ids: List[int]     # (T,) prompt + response
+    labels: List[int]        # (T,) IGNORE_INDEX on the prompt unless train_on_prompt
+    prompt_len: int          # P, tokens of the (possibly cut) prompt, BOS included
+
+
+@dataclass
+class EncodeStats:
+    records: int = 0             # records given
+    kept: int = 0                # examples produced
+    truncated_prompt: int = 0    # prompt cut (response complete)
+    truncated_response: int = 0  # response cut too (its end and EOS lost)
+    dropped: int = 0             # not even one response token fitted
+    dropped_indices: List[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    response_tokens: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.kept} examples from {self.records} records; {self.truncated_prompt} with the prompt cut, "
+                f"{self.truncated_response} with the response cut, {self.dropped} dropped (too long); "
+                f"{self.prompt_tokens} prompt + {self.response_tokens} response tokens")
+
+
+class AlpacaEncoder:
+    """Record -> Example with the template, masking and truncation rule of this module's docstring."""
+
+    def __init__(self, tokenizer, max_seq_len: int, *, train_on_prompt: bool = False):
+        if max_seq_len < 2:
+            raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.train_on_prompt = train_on_prompt
+        # Tokens the response marker takes at the end of a prompt, measured in context: the smallest
+        # prompt truncation may leave is BOS + these.
+        full = tokenizer.encode(format_prompt("x"), bos=False)
+        without = tokenizer.encode(format_prompt("x")[: -len(RESPONSE_MARKER)], bos=False)
+        self.marker_len = max(1, len(full) - len(without))
+
+    def encode_prompt(self, record_or_prompt) -> List[int]:
+        """The prompt ids generation starts from: [BOS] + sp(prompt text)."""
+        text = record_or_prompt.prompt if isinstance(record_or_prompt, Record) else record_or_prompt
+        return self.tokenizer.encode(text, bos=True, eos=False)
+
+    def encode(self, record: Record, stats: Optional[EncodeStats] = None, index: int = 0) -> Optional[Example]:
+        """One record -> Example, or None when it cannot keep a single response token (counted as dropped)."""
+        stats = stats if stats is not None else EncodeStats()
+        stats.records += 1
+        prompt_ids = self.encode_prompt(record)                                       # (P,)
+        response_ids = self.tokenizer.encode(record.output, bos=False, eos=True)      # (R,)
+        limit = self.max_seq_len
+        if len(prompt_ids) + len(response_ids) > limit:
+            min_prompt = min(len(prompt_ids), 1 + self.marker_len)
+            prompt_keep = max(limit - len(response_ids), min_prompt)
+            response_keep = limit - prompt_keep
+            if response_keep < 1:
+                stats.dropped += 1
+                stats.dropped_indices.append(index)
+                return None
+            if prompt_keep < len(prompt_ids):
+                tail = prompt_ids[len(prompt_ids) - (prompt_keep - 1):] if prompt_keep > 1 else []
+                prompt_ids = prompt_ids[:1] + tail                                    # BOS + the prompt's end
+            if response_keep < len(response_ids):
+                response_ids = response_ids[:response_keep]                            # the response's start
+                stats.truncated_response += 1
+            else:
+                stats.truncated_prompt += 1
+        input_ids = prompt_ids + response_ids
+        labels = list(input_ids) if self.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        stats.kept += 1
+        stats.prompt_tokens += len(prompt_ids)
+        stats.response_tokens += len(response_ids)
+        return Example(input_ids=input_ids, labels=labels, prompt_len=len(prompt_ids))
+
+    def encode_all(self, records: Sequence[Record]) -> Tuple[List[Example], EncodeStats]:
+        stats = EncodeStats()
+        examples = [self.encode(r, stats, i) for i, r in enumerate(records)]
+        return [e for e in examples if e is not None], stats
+
+
+# ---- batching, splitting, data order -------------------------------------------------------------
+def collate(examples: Sequence[Example], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad a batch. Returns input_ids (B, T) int64 (pad_id after the end), labels (B, T) with
+    IGNORE_INDEX on padding, attention_mask (B, T) with 1 for real tokens, 0 for padding."""
+    if not examples:
+        raise DataError("collate got an empty batch")
+    T = max(len(e.input_ids) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)                          # (B, T)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)                       # (B, T)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)                            # (B, T)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def train_val_split(items: Sequence, val_fraction: float, seed: int) -> Tuple[list, list]:
+    """Seeded shuffle, then the first round(val_fraction * n) items (at least 1 when val_fraction > 0 and
+    n > 1) are the validation split; both splits keep the file's order otherwise."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(items)
+    n_val = round(val_fraction * n)
+    if val_fraction > 0 and n > 1:
+        n_val = max(1, min(n_val, n - 1))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [items[i] for i in range(n) if i not in val_idx]
+    val = [items[i] for i in range(n) if i in val_idx]
+    return train, val
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
+    """The order of the n training examples in `epoch`: a pure function of (seed, epoch), so a resumed
+    run replays exactly the batches an uninterrupted run would see."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+# ---- the loss -----------------------------------------------------------------------------------
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy. logits (B, T, V), labels (B, T) aligned with the inputs: position t
+    predicts labels[:, t + 1]; IGNORE_INDEX labels do not count. reduction "mean" (over counted tokens)
+    or "sum". Computed in float32."""
+    shifted_logits = logits[:, :-1].float()                                          # (B, T-1, V)
+    shifted_labels = labels[:, 1:]                                                    # (B, T-1)
+    return torch.nn.functional.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+                                             shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                             reduction=reduction)
+
+
+# ---- tokenized dataset files (tools/prepare_data.py) --------------------------------------------
+def save_tokenized(examples: Sequence[Example], path, meta: Optional[dict] = None) -> None:
+    """Write examples as JSON Lines of {"input_ids", "labels", "prompt_len"}; the first line is a header
+    {"minipeft_tokenized": 1, ...meta}. Written to a temp name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"minipeft_tokenized": 1, **(meta or {})}) + "\n")
+        for e in examples:
+            f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels, "prompt_len": e.prompt_len}) + "\n")
+    tmp.replace(path)
+
+
+def load_tokenized(path) -> Tuple[List[Example], dict]:
+    """Read a file written by save_tokenized -> (examples, header)."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("minipeft_tokenized") != 1:
+        raise DataError(f"{path} is not a tokenized dataset written by tools/prepare_data.py (no header line)")
+    examples = []
+    for line_no, line in enumerate(lines[1:], start=2):
+        row = json.loads(line)
+        if len(row["input_ids"]) != len(row["labels"]):
+            raise DataError(f"{path}: line {line_no}: input_ids and labels differ in length")
+        examples.append(Example(row["input_ids"], row["labels"], row["prompt_len"]))
+    return examples, header
