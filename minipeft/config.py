@@ -196,6 +196,6 @@ PRESETS = {
     # Chinese-LLaMA-7B: the 7B body with the vocabulary extended by Chinese pieces to 49953.
     "chinese-llama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=49953, multiple_of=256, norm_eps=1e-6),
     # The small model the package ships (minipeft/assets/tiny-llama) and the tests build at random.
-    "tiny": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=4096, multiple_of=32,
+    "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=4096, multiple_of=32,
                  norm_eps=1e-5, max_seq_len=512),
 }
