@@ -1,0 +1,78 @@
+"""Tokenise an Alpaca-format file once, write the token ids, and print what happened to each record.
+
+    PYTHONPATH=. python tools/prepare_data.py alpaca_data.json --tokenizer checkpoints/llama-7b/tokenizer.model \\
+        --max-seq-len 512 --out data/alpaca.tokenized.jsonl [--val-fraction 0.02]
+
+Input: a JSON list of {"instruction", "input" (optional), "output"} objects, or JSON Lines of them.
+Output: JSON Lines, a header line {"minipeft_tokenized": 1, "max_seq_len", "tokenizer", ...} then one
+{"input_ids", "labels", "prompt_len"} per example (labels -100 on the prompt unless --train-on-prompt).
+tools/finetune.py --train-data accepts this file directly. With --val-fraction a seeded split is written
+beside it as <out>.val.jsonl (same format). The template, masking and truncation rule are those of
+minipeft/data.py. Malformed records are listed with their index and skipped (--strict: refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split  # noqa: E402
+
+
+def default_tokenizer() -> str:
+    import minipeft
+    assets = Path(minipeft.assets_dir()) if hasattr(minipeft, "assets_dir") else Path(minipeft.__file__).parent / "assets"
+    return str(assets / "tiny-llama" / "tokenizer.model")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("data", help="Alpaca JSON list or JSON Lines file")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the shipped tiny-llama's)")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per example")
+    parser.add_argument("--train-on-prompt", action="store_true", help="labels on the prompt too")
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed record")
+    parser.add_argument("--val-fraction", type=float, default=0.0, help="also write a seeded validation split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--out", help="output file (default: <data>.tokenized.jsonl)")
+    args = parser.parse_args(argv)
+
+    from minipeft.tokenizer import Tokenizer
+    tokenizer_path = args.tokenizer or default_tokenizer()
+    out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+        encoder = AlpacaEncoder(tokenizer, args.max_seq_len, train_on_prompt=args.train_on_prompt)
+        records, problems = read_records(args.data, strict=args.strict)
+        splits = {"": records}
+        if args.val_fraction > 0:
+            train, val = train_val_split(records, args.val_fraction, args.seed)
+            splits = {"": train, ".val": val}
+    except ValueError as err:
+        print(f"prepare_data.py: error: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"skipped {problem}")
+    meta = {"source": str(args.data), "tokenizer": str(tokenizer_path), "max_seq_len": args.max_seq_len,
+            "train_on_prompt": args.train_on_prompt}
+    for suffix, split in splits.items():
+        examples, stats = encoder.encode_all(split)
+        path = out if not suffix else out.with_name(out.name.removesuffix(".jsonl") + f"{suffix}.jsonl")
+        save_tokenized(examples, path, meta)
+        print(f"{path}: {stats.summary()}")
+        if stats.dropped_indices:
+            print(f"  dropped (index within this split): {stats.dropped_indices[:20]}")
+    print(f"{len(problems)} malformed records skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DataError as err:
+        print(f"prepare_data.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
