@@ -10,9 +10,9 @@ so a tiny model can learn them in a short CPU fine-tune:
   sentiment_zh   一条短评                               -> 积极 | 消极 | 中立
   number_to_zh   an integer 0..9999 in digits           -> Chinese numerals, e.g. 305 -> 三百零五
   zh_to_number   Chinese numerals                       -> the integer in digits, e.g. 一千零五十 -> 1050
-  reverse_en     3-4 English words, comma-separated     -> the same words in reverse order
-  reverse_zh     3-4 个中文词语，用顿号分隔              -> 倒序
-  sort_en        3-4 English words                      -> sorted alphabetically
+  reverse_en     3 English words, comma-separated       -> the same words in reverse order
+  reverse_zh     3 个中文词语，用逗号分隔                -> 倒序
+  sort_en        3 English words                        -> sorted alphabetically
   upper_en       one English word                       -> the word in capital letters
 
 All candidate records are drawn with one seeded random.Random, made unique by (instruction, input), shuffled,
@@ -89,8 +89,9 @@ ZH_PREDICATES = {
 EN_WORDS = ["apple", "river", "stone", "cloud", "green", "house", "music", "tiger", "bread", "chair",
             "light", "ocean", "paper", "smile", "train", "water", "garden", "silver", "winter", "yellow",
             "horse", "candle", "forest", "lemon"]
-ZH_WORDS = ["苹果", "河流", "石头", "月亮", "老师", "朋友", "学校", "花朵", "城市", "音乐", "太阳", "大海",
-            "春天", "书本", "小鸟", "山峰", "星星", "雨伞", "茶杯", "火车"]
+# Chinese words whose characters are common in the poems, so the shipped tokenizer has a piece for each.
+ZH_WORDS = ["河流", "石头", "老师", "学校", "音乐", "太阳", "大海", "春天", "书本", "小鸟", "山峰", "星星",
+            "火车", "白云", "明月", "青山", "江水", "秋风", "高楼", "红花"]
 
 TASKS = {
     "sentiment_en": "Classify the sentiment of the review as positive, negative or neutral.",
@@ -124,12 +125,12 @@ def make_task(task: str, rng: random.Random):
         n = random_number(rng)
         return number_to_chinese(n), str(n)
     if task in ("reverse_en", "sort_en"):
-        words = rng.sample(EN_WORDS, rng.choice([3, 4]))
+        words = rng.sample(EN_WORDS, 3)
         answer = list(reversed(words)) if task == "reverse_en" else sorted(words)
         return ", ".join(words), ", ".join(answer)
     if task == "reverse_zh":
-        words = rng.sample(ZH_WORDS, rng.choice([3, 4]))
-        return "、".join(words), "、".join(reversed(words))
+        words = rng.sample(ZH_WORDS, 3)
+        return "，".join(words), "，".join(reversed(words))
     if task == "upper_en":
         word = rng.choice(EN_WORDS + [w for ws in EN_ADJECTIVES.values() for w in ws])
         return word, word.upper()
