@@ -408,6 +408,8 @@ def fill_deepspeed_schedule(ds: dict, cfg: TrainConfig, total_steps: int, warmup
 def init_distributed_for_deepspeed() -> None:
     """Start the process group for DeepSpeed: NCCL with CUDA, gloo on CPU (with DeepSpeed's shared-memory
     op switched off, so nothing compiles). Without a launcher, sets up a world of one process."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import torch.distributed as dist
     if dist.is_initialized():

@@ -101,15 +101,22 @@ def main(argv=None) -> int:
     say(f"\n{'model' if cfg.method == 'full' else 'adapter'} written to {folder}; metrics in "
         f"{trainer.run_dir / 'metrics.jsonl'}; wall time {time.perf_counter() - started:.1f} s")
 
-    if trainer.engine is not None:              # end DeepSpeed ranks cleanly (see notes/deepspeed-on-cpu.md)
-        import torch.distributed as dist
+    return 0
+
+
+def end_distributed_process(code: int) -> None:
+    """End a DeepSpeed rank cleanly: barrier, destroy the process group, flush, os._exit (a plain exit
+    sometimes aborts in a gloo/DeepSpeed destructor after all work is done: notes/deepspeed-on-cpu.md)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    end_distributed_process(exit_code)
+    sys.exit(exit_code)
