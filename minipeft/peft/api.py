@@ -23,7 +23,9 @@ Adapter folders (`save_adapter` / `load_adapter`):
                            "minipeft_version"}
     adapter.safetensors   only the method's tensors, under the base model's names without a prefix
                           (layers.0.attention.wq.lora_A, ...; soft_prompt.weight; prefix.prefix_keys /
-                          prefix.prefix_values (L, G, P, hd), a prefix always saved folded)
+                          prefix.prefix_values (L, G, P, hd), a prefix always saved folded), plus the full
+                          weights of the base modules named in the config's `extra_trainable`
+                          (tok_embeddings.weight, output.weight: (V, d) each, e.g. after a vocabulary extension)
 
 "full" writes the whole model with checkpoint.save_model (config.json + model.safetensors) beside its
 adapter_config.json. Loading checks the fingerprint field by field, so an adapter never lands on another base.
@@ -49,6 +51,7 @@ from ..model import Transformer
 @dataclass
 class FullConfig:
     """Full fine-tuning: every parameter trainable (the baseline)."""
+    extra_trainable: Tuple[str, ...] = ()   # of EXTRA_TRAINABLE_MODULES, trained in full beside the method
     method = "full"
 
 
@@ -58,6 +61,7 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: Tuple[str, ...] = ("wq", "wv")
+    extra_trainable: Tuple[str, ...] = ()   # of EXTRA_TRAINABLE_MODULES, trained in full beside the method
     method = "lora"
 
 
@@ -66,6 +70,7 @@ class PromptConfig:
     prompt_len: int = 20
     init: str = "vocab"                 # "random" | "vocab" (embeddings of sampled ids) | "text"
     init_text: Optional[str] = None     # token ids of this text (init="text"); needs a tokenizer
+    extra_trainable: Tuple[str, ...] = ()   # of EXTRA_TRAINABLE_MODULES, trained in full beside the method
     method = "prompt"
 
 
@@ -73,12 +78,14 @@ class PromptConfig:
 class PrefixConfig:
     prefix_len: int = 10
     reparam_hidden: Optional[int] = 512  # MLP width of the reparameterisation; None trains the prefix directly
+    extra_trainable: Tuple[str, ...] = ()   # of EXTRA_TRAINABLE_MODULES, trained in full beside the method
     method = "prefix"
 
 
 @dataclass
 class AdapterConfig:
     bottleneck: int = 64
+    extra_trainable: Tuple[str, ...] = ()   # of EXTRA_TRAINABLE_MODULES, trained in full beside the method
     method = "adapter"
 
 
@@ -87,8 +94,13 @@ class LlamaAdapterConfig:
     prompt_len: int = 10                 # K
     adapter_layers: Optional[int] = None # L, the top layers that get a prompt; None = min(30, n_layers)
     gate: str = "tanh"                   # "tanh" (LLaMA-Adapter paper) | "plain" (lit-llama / peft)
+    extra_trainable: Tuple[str, ...] = ()   # of EXTRA_TRAINABLE_MODULES, trained in full beside the method
     method = "llama_adapter"
 
+
+# Base modules a config may also train (`extra_trainable`), e.g. after extending the vocabulary: the new rows
+# of the embedding and the output layer must be learned. They are trained, saved and counted in full.
+EXTRA_TRAINABLE_MODULES = ("tok_embeddings", "output")
 
 PEFT_CONFIGS = {c.method: c for c in (FullConfig, LoRAConfig, PromptConfig, PrefixConfig, AdapterConfig,
                                       LlamaAdapterConfig)}
@@ -153,7 +165,10 @@ class PeftModel(nn.Module):
         return 0
 
     def is_method_parameter(self, name: str) -> bool:
-        """True for the parameters the method adds and trains (name as in self.named_parameters())."""
+        """True for the parameters the method adds and trains (name as in self.named_parameters()), and for
+        the weights of the base modules in peft_config.extra_trainable."""
+        if name.removeprefix("base.") in {f"{m}.weight" for m in self.peft_config.extra_trainable}:
+            return True
         if self.method == "full":
             return True
         if self.method == "lora":
@@ -184,11 +199,14 @@ class PeftModel(nn.Module):
 
     def adapter_state_dict(self) -> dict:
         """The method's tensors by name (without the "base." prefix), detached. A prefix is given folded:
-        `prefix.prefix_keys` / `prefix.prefix_values` (L, G, P, hd), whether or not it was trained with the MLP."""
+        `prefix.prefix_keys` / `prefix.prefix_values` (L, G, P, hd), whether or not it was trained with the MLP.
+        Modules in extra_trainable are included in full (tok_embeddings.weight (V, d), output.weight (V, d))."""
         if self.method == "prefix":
             keys, values = self.prefix.prefix_tensors()                                  # (L, G, P, hd)
+            extra = {f"{m}.weight": self.base.get_submodule(m).weight.detach()
+                     for m in self.peft_config.extra_trainable}
             return {"prefix.prefix_keys": keys.detach().contiguous().clone(),
-                    "prefix.prefix_values": values.detach().contiguous().clone()}
+                    "prefix.prefix_values": values.detach().contiguous().clone(), **extra}
         return {name.removeprefix("base."): p.detach() for name, p in self.named_parameters()
                 if self.is_method_parameter(name)}
 
@@ -266,6 +284,10 @@ def _check_config(config) -> None:
     if type(config) not in PEFT_CONFIGS.values():
         raise PeftConfigError(f"expected one of {[c.__name__ for c in PEFT_CONFIGS.values()]}, "
                               f"got {type(config).__name__}")
+    extra = config.extra_trainable
+    if not isinstance(extra, (tuple, list)) or not all(name in EXTRA_TRAINABLE_MODULES for name in extra):
+        raise PeftConfigError(f"{type(config).__name__}.extra_trainable is {extra!r}; expected a tuple of names "
+                              f"from {EXTRA_TRAINABLE_MODULES}")
 
 
 def apply_peft(model: Transformer, config, *, tokenizer=None, generator: Optional[torch.Generator] = None
@@ -398,6 +420,8 @@ def _config_from_dict(method: str, fields: dict, source: str):
                               f"of {sorted(known)}")
     if method == "lora" and "targets" in fields:
         fields = {**fields, "targets": tuple(fields["targets"])}
+    if "extra_trainable" in fields:
+        fields = {**fields, "extra_trainable": tuple(fields["extra_trainable"])}
     return cls(**fields)
 
 
