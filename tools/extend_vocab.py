@@ -1,0 +1,107 @@
+"""Extend a LLaMA tokenizer with Chinese pieces (and optionally resize a checkpoint to the new vocabulary).
+
+    python tools/extend_vocab.py --base-tokenizer BASE/tokenizer.model --corpus zh.txt --vocab-size 2000 \\
+        --out extended/tokenizer.model [--sample heldout_zh.txt] [--checkpoint BASE --checkpoint-out EXTENDED]
+    python tools/extend_vocab.py --base-tokenizer BASE/tokenizer.model --extra-tokenizer zh_sp.model --out ...
+
+--corpus trains a Chinese BPE SentencePiece model on the corpus (LLaMA's settings: byte fallback, identity
+normalisation, digits split); --extra-tokenizer takes an existing one. Its pieces that the base lacks and
+that contain a CJK character are appended to the base model (every base id unchanged; see minipeft/vocab.py
+for the scores and why only CJK pieces). Prints how many pieces were added and the tokens per character of
+the sample (--sample, else the corpus, which the new pieces were trained on and so flatters them) before
+and after. With --checkpoint, the model in that folder is resized to the new vocabulary (new rows = the mean
+of the old rows) and saved with the new tokenizer as --checkpoint-out.
+
+Text files are read one line per text; .json / .jsonl files as Alpaca records (instruction, input, output).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+
+from minipeft.tokenizer import Tokenizer  # noqa: E402
+from minipeft.vocab import (merge_sentencepiece_models, resize_checkpoint, tokens_per_char,  # noqa: E402
+                            train_sentencepiece)
+
+
+def read_texts(path) -> list:
+    """Non-empty texts of a file: lines of a text file, or the fields of Alpaca records (.json / .jsonl)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix in (".json", ".jsonl"):
+        try:
+            records = (json.loads(raw) if path.suffix == ".json"
+                       else [json.loads(line) for line in raw.splitlines() if line.strip()])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{path}: expected a list of Alpaca records (objects with instruction/input/output)")
+        texts = [str(r.get(key) or "") for r in records for key in ("instruction", "input", "output")]
+        lines = [line for text in texts for line in text.splitlines()]
+    else:
+        lines = raw.splitlines()
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: no text in it")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-tokenizer", required=True, help="the SentencePiece tokenizer.model to extend")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help="Chinese text to train the extra SentencePiece model on")
+    source.add_argument("--extra-tokenizer", help="an existing (Chinese) SentencePiece model to merge in")
+    parser.add_argument("--vocab-size", type=int, default=2000,
+                        help="pieces of the SentencePiece model trained on --corpus (default 2000)")
+    parser.add_argument("--save-extra", help="also keep the SentencePiece model trained on --corpus here")
+    parser.add_argument("--out", required=True, help="where to write the extended tokenizer.model")
+    parser.add_argument("--all-pieces", action="store_true",
+                        help="append new pieces without CJK characters too (may change how English is split)")
+    parser.add_argument("--sample", help="text to measure tokens per character on (default: the corpus)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder to resize to the extended vocabulary")
+    parser.add_argument("--checkpoint-out", help="where to write the resized checkpoint folder")
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) != (args.checkpoint_out is None):
+        parser.error("--checkpoint and --checkpoint-out go together")
+    if args.vocab_size < 1:
+        parser.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
+    try:
+        corpus = read_texts(args.corpus) if args.corpus else None
+        sample = read_texts(args.sample) if args.sample else corpus
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = args.extra_tokenizer
+            if corpus is not None:
+                extra = train_sentencepiece(corpus, args.save_extra or Path(tmp) / "extra.model", args.vocab_size)
+                print(f"trained a BPE SentencePiece model on {len(corpus):,} lines of {args.corpus}: "
+                      f"{Tokenizer(extra).vocab_size:,} pieces" + (f" -> {extra}" if args.save_extra else ""))
+            stats = merge_sentencepiece_models(args.base_tokenizer, extra, args.out,
+                                               require_cjk=not args.all_pieces)
+        print(f"base pieces     : {stats['base_size']:,}")
+        print(f"pieces added    : {stats['added']:,} (skipped: {stats['skipped_present']:,} already present, "
+              f"{stats['skipped_special']:,} byte/control, {stats['skipped_non_cjk']:,} without CJK)")
+        print(f"new vocabulary  : {stats['new_size']:,} -> {args.out}")
+        if sample is not None:
+            before = tokens_per_char(Tokenizer(args.base_tokenizer), sample)
+            after = tokens_per_char(Tokenizer(args.out), sample)
+            where = args.sample or f"{args.corpus} (the training corpus)"
+            print(f"tokens per char : {before:.3f} before, {after:.3f} after ({after / before:.1%} of before) "
+                  f"on {sum(map(len, sample)):,} characters of {where}")
+        if args.checkpoint:
+            summary = resize_checkpoint(args.checkpoint, args.checkpoint_out, args.out)
+            print(f"checkpoint      : vocab {summary['old_vocab_size']:,} -> {summary['new_vocab_size']:,} "
+                  f"(new rows = mean of the old rows) -> {summary['out']}")
+    except ValueError as e:   # VocabError, CheckpointError, TokenizerError: the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
