@@ -25,7 +25,7 @@ from minipeft.train import (METHODS, TrainConfig, Trainer, TrainError, build_arg
                             lr_factor, prepare_run)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE = os.environ.get("MINIPEFT_DEVICE", "cpu")
+DEVICE = os.environ.get("MINIPEFT_DEVICE", "cpu")     # tools/gpu_check.sh sets cuda
 
 # Small hyper-parameters so each method has a handful of trainable parameters and learns in a few steps.
 METHOD_FLAGS = {
@@ -95,7 +95,8 @@ def test_method_trains_keeps_base_and_reloads(ws, tmp_path, method):
 
 def test_resume_is_bit_identical(ws, tmp_path):
     # dropout (RNG), accumulation and several epochs: 24 examples / batch 4 = 6 micro-batches per epoch
-    common = dict(lora_dropout=0.1, grad_accum=2, max_steps=8, save_every=3, keep_checkpoints=3)
+    # (on CPU whatever MINIPEFT_DEVICE says: bit-identical replay is promised for CPU runs)
+    common = dict(lora_dropout=0.1, grad_accum=2, max_steps=8, save_every=3, keep_checkpoints=3, device="cpu")
     full = build(make_cfg(ws, tmp_path, "lora", out=str(tmp_path / "a"), **common))
     full_history = full.train()
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("*.pt")) == ["step-000003.pt", "step-000006.pt"]
