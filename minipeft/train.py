@@ -523,6 +523,7 @@ class Trainer:
         """A accumulated micro-batches and one optimizer update. Returns this step's metrics."""
         cfg = self.cfg
         self.forward_model.train()
+        lr = self.optimizer.param_groups[0]["lr"]           # the lr this step uses
         losses, tokens = [], 0
         for a in range(cfg.grad_accum):
             batch = self.micro_batch(self.step * cfg.grad_accum + a)
@@ -552,7 +553,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.skipped_steps += int(skipped)
-        lr = self.optimizer.param_groups[0]["lr"]
         self.step += 1
         loss = sum(losses) / len(losses)
         if self.world_size > 1:                   # the mean over ranks, for the log

@@ -83,6 +83,7 @@ def test_method_trains_keeps_base_and_reloads(ws, tmp_path, method):
     assert val_loss == pytest.approx(after, rel=1e-5, abs=1e-6)
     lines = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 13)) and all("tokens_per_s" in x for x in lines)
+    assert [x["lr"] for x in lines] == pytest.approx([cfg.lr * lr_factor(s, 12, 2) for s in range(12)])
 
     # gradient checkpointing recomputes the blocks in backward: the same two steps
     plain, checkpointed = (build(make_cfg(ws, tmp_path, method, max_steps=2, gradient_checkpointing=gc,
