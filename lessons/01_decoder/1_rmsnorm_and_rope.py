@@ -114,4 +114,23 @@ e0[0] = 1.0
 q, k = e0, e0
 check("hand example q = k = e_0, m - n = 3: score = cos(3) = -0.98999", rope_score(3, 0), math.cos(3.0), 1e-6)
 
+# ------------------------------------------------------------------------------------------------
+print("5. Hugging Face's layout: the pairs (i, i + hd/2) instead of (2i, 2i+1), the same rotation permuted")
+# HF keeps x[2i] in slot i and x[2i+1] in slot i + hd/2 ("half split") and rotates with
+#   y -> y * [cos, cos] + rotate_half(y) * [sin, sin],   rotate_half([y1, y2]) = [-y2, y1].
+# minipeft.checkpoint.permute_for_hf moves a Meta-layout row block into that layout.
+from minipeft.checkpoint import permute_for_hf  # noqa: E402
+
+x = torch.randn(head_dim, dtype=torch.float64)
+pos = 7
+angle = pos * frequencies                                           # (hd/2,)
+y = permute_for_hf(x[:, None], n_heads=1)[:, 0]                     # HF layout of x
+check("permute_for_hf puts x[2i] in slot i and x[2i+1] in slot i + hd/2", y, torch.cat([x[0::2], x[1::2]]), 0)
+y1, y2 = y[:head_dim // 2], y[head_dim // 2:]
+hf_rotated = y * torch.cat([angle.cos(), angle.cos()]) + torch.cat([-y2, y1]) * torch.cat([angle.sin(), angle.sin()])
+ours = rotation_matrix(pos) @ x
+check("HF rotation of the permuted vector == permuted Meta rotation", hf_rotated,
+      permute_for_hf(ours[:, None], n_heads=1)[:, 0], 1e-12)
+print("   (so a Hugging Face checkpoint works once wq/wk rows are permuted back: minipeft/checkpoint.py)")
+
 print("all checks passed")
