@@ -71,6 +71,11 @@ check("the first P rows of every example are the prompt", joined[:, :P], prompt.
 check("then the real embeddings, unchanged", joined[:, P:], embeds, 0)
 check("labels get -100 (no loss) at the P prompt positions", joined_labels[:, :P], torch.full((2, P), -100), 0)
 check("the attention mask gets P ones in front", joined_mask[:, :P], torch.ones(2, P), 0)
+text_model = apply_peft(copy.deepcopy(base), PromptConfig(prompt_len=P, init="text", init_text=text),
+                        tokenizer=LetterTokenizer())
+logits, cache = text_model(tokens, use_cache=True)
+check_equal("logits are returned for the n real tokens only", tuple(logits.shape), (2, 5, cfg.vocab_size))
+check_equal("but every layer's KV cache holds n + P entries", cache[0][0].shape[2], 5 + P)
 
 # ------------------------------------------------------------------------------------------------
 print("3. Only the prompt gets gradients, and its gradient is the input-embedding gradient at 0..P-1")
