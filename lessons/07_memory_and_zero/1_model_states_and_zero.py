@@ -5,7 +5,8 @@ Run from the repository root:
     DS_ACCELERATOR=cpu PYTHONPATH=. python lessons/07_memory_and_zero/1_model_states_and_zero.py
 
 The functions `model_state_bytes`, `zero_bytes_per_gpu`, `deepspeed_cold_estimate` and
-`closed_form_trainable` are pure (numbers in, numbers out) so other tools can reuse them.
+`closed_form_trainable` are pure (numbers in, numbers out) and live in minipeft/memory.py, so other tools
+(tools/compare_methods.py) reuse them; this script checks them.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed would otherwise loo
 import torch
 
 from minipeft.config import ModelConfig
+from minipeft.memory import closed_form_trainable, deepspeed_cold_estimate, model_state_bytes, zero_bytes_per_gpu
 from minipeft.model import Transformer
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig,
                            apply_peft)
@@ -39,117 +41,9 @@ def check_equal(name, got, expected):
 
 
 # ================================================================================================
-# The reusable formulas
+# The reusable formulas live in minipeft/memory.py (imported above): model_state_bytes, zero_bytes_per_gpu,
+# deepspeed_cold_estimate, closed_form_trainable. Read them there; this script checks them.
 # ================================================================================================
-WEIGHT_16 = 2    # bytes: the bf16/fp16 copy of every parameter, used in forward and backward
-GRAD_16 = 2      # bytes: the 16-bit gradient of a trainable parameter
-ADAM_32 = 12     # bytes: fp32 master weight (4) + Adam momentum m (4) + variance v (4), per trainable parameter
-
-
-def model_state_bytes(total_params: int, trainable_params: int) -> dict:
-    """Mixed-precision Adam on one device, in bytes.
-
-    Every parameter (frozen or not) has a 16-bit weight; each trainable one also a 16-bit gradient and
-    12 bytes of fp32 optimizer state: 2 + 2 + 12 = 16 bytes per trainable parameter, 2 per frozen one.
-    Returns {"weights", "gradients", "optimizer", "total"}."""
-    parts = {"weights": WEIGHT_16 * total_params,
-             "gradients": GRAD_16 * trainable_params,
-             "optimizer": ADAM_32 * trainable_params}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def zero_bytes_per_gpu(total_params: int, trainable_params: int, n_gpus: int, stage: int,
-                       offload_optimizer: bool = False, offload_params: bool = False) -> dict:
-    """Model-state bytes per GPU and on the node's CPU under ZeRO (the ZeRO paper's 2 + 2 + 12 accounting).
-
-    stage 0: nothing partitioned (plain data parallel); stage 1: optimizer states split over n_gpus;
-    stage 2: also the gradients; stage 3: also the 16-bit weights.
-    offload_optimizer (ZeRO-Offload, stages 1-3): gradients and optimizer states live in CPU memory and the
-    Adam step runs on the CPU; the GPU keeps its 16-bit weights. offload_params (stage 3 only): the 16-bit
-    weights live on the CPU too and are fetched layer by layer (the working buffer is not counted here).
-    Returns {"gpu": bytes per GPU, "cpu": bytes for the whole node}."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
-    if offload_params and stage != 3:
-        raise ValueError("offload_params needs ZeRO stage 3 (only stage 3 partitions the weights)")
-    if offload_optimizer and stage == 0:
-        raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
-    weights = WEIGHT_16 * total_params / (n_gpus if stage >= 3 else 1)
-    gradients = GRAD_16 * trainable_params / (n_gpus if stage >= 2 else 1)
-    optimizer = ADAM_32 * trainable_params / (n_gpus if stage >= 1 else 1)
-    gpu, cpu = weights + gradients + optimizer, 0.0
-    if offload_optimizer:                                    # every rank's share ends up on the same CPU
-        gpu -= gradients + optimizer
-        cpu += (GRAD_16 + ADAM_32) * trainable_params
-    if offload_params:
-        gpu -= weights
-        cpu += WEIGHT_16 * total_params
-    return {"gpu": gpu, "cpu": cpu}
-
-
-def deepspeed_cold_estimate(total_params: int, largest_layer_params: int, gpus_per_node: int, stage: int,
-                            offload_optimizer: bool, offload_params: bool = False,
-                            buffer_factor: float = 1.5) -> dict:
-    """DeepSpeed's own accounting (its *_all_cold estimators, zero_init=1, one node), written out term by term.
-
-    DeepSpeed keeps, per parameter, 16 bytes in the partitioned optimizer: an fp32 gradient (4), the fp32
-    master weight (4) and Adam's m and v (8). Stage 2 adds a 16-bit gradient partition (2) and the replicated
-    16-bit weights (2, not divided); stage 3 partitions the 16-bit weights (2) and counts no separate 16-bit
-    gradient (it is reduce-scattered straight out of a bucket). Stage 3 also gathers one layer at a time
-    into a 4-byte-per-parameter buffer (the largest layer). CPU figures carry a 1.5 safety factor; a
-    process that first builds an fp32 model on the CPU needs 4 bytes per parameter per GPU process.
-    Returns {"gpu": bytes per GPU, "cpu": bytes per node}."""
-    n = gpus_per_node
-    fp32_grad, fp32_master, adam_m_v = 4, 4, 8
-    partitioned = fp32_grad + fp32_master + adam_m_v                                  # 16
-    if stage == 3:
-        gather_buffer = 4 * largest_layer_params
-        if offload_optimizer and offload_params:
-            return {"gpu": gather_buffer, "cpu": (WEIGHT_16 + partitioned) * total_params * buffer_factor}
-        if offload_optimizer:
-            return {"gpu": gather_buffer + WEIGHT_16 * total_params // n,
-                    "cpu": partitioned * total_params * buffer_factor}
-        return {"gpu": gather_buffer + (WEIGHT_16 + partitioned) * total_params // n,
-                "cpu": 4 * largest_layer_params * n * buffer_factor}
-    if stage == 2:
-        if offload_optimizer:
-            return {"gpu": WEIGHT_16 * total_params, "cpu": max(4 * n, partitioned) * total_params * buffer_factor}
-        return {"gpu": WEIGHT_16 * total_params + (GRAD_16 + partitioned) * total_params // n,
-                "cpu": 4 * total_params * n * buffer_factor}
-    raise ValueError("DeepSpeed's estimators cover stages 2 and 3")
-
-
-def closed_form_trainable(cfg: ModelConfig, method: str, **hyper) -> int:
-    """Trainable parameters of each PEFT method, from the formulas of lessons 02-06 (no biases in the base).
-
-    lora: n_layers * sum over targets of rank * (d_in + d_out); prompt: P * d; prefix: L * 2 * P * kv_dim
-    directly, or with the MLP P*d + (d*h + h) + (h*L*2*kv_dim + L*2*kv_dim); adapter: 2 per layer of
-    (2 d m + d + m); llama_adapter: L_top * (K * d + H); full: everything."""
-    d, L, kv = cfg.dim, cfg.n_layers, cfg.kv_dim
-    if method == "full":
-        with torch.device("meta"):
-            return Transformer(cfg).num_parameters()
-    if method == "lora":
-        shapes = {"wq": (d, cfg.n_heads * cfg.head_dim), "wk": (d, kv), "wv": (d, kv),
-                  "wo": (cfg.n_heads * cfg.head_dim, d), "w1": (d, cfg.ffn_hidden_dim),
-                  "w2": (cfg.ffn_hidden_dim, d), "w3": (d, cfg.ffn_hidden_dim)}
-        return L * sum(hyper["rank"] * (shapes[t][0] + shapes[t][1]) for t in hyper["targets"])
-    if method == "prompt":
-        return hyper["prompt_len"] * d
-    if method == "prefix":
-        P, h = hyper["prefix_len"], hyper["reparam_hidden"]
-        if h is None:
-            return L * 2 * P * kv
-        return P * d + (d * h + h) + (h * L * 2 * kv + L * 2 * kv)
-    if method == "adapter":
-        m = hyper["bottleneck"]
-        return L * 2 * (2 * d * m + d + m)
-    if method == "llama_adapter":
-        return hyper["adapter_layers"] * (hyper["prompt_len"] * d + cfg.n_heads)
-    raise ValueError(f"unknown method {method!r}")
-
-
 # ================================================================================================
 # 1. Bytes per parameter
 # ================================================================================================

@@ -9,6 +9,8 @@ Run from the repository root:
 import torch
 
 from minipeft.config import ModelConfig
+from minipeft.memory import (block_activation_bytes_per_token, head_bytes_per_token, model_activation_bytes,
+                             rope_table_bytes_per_token)
 from minipeft.model import Transformer, rope_cos_sin
 
 GiB = 2 ** 30
@@ -22,49 +24,9 @@ def check(name, got, expected, tol):
 
 
 # ================================================================================================
-# The reusable formulas (bytes per token, 16-bit activations, fp32 RMSNorm statistics, fused attention)
+# The reusable formulas live in minipeft/memory.py (imported above): block_activation_bytes_per_token,
+# rope_table_bytes_per_token, head_bytes_per_token, model_activation_bytes. This script checks them.
 # ================================================================================================
-def block_activation_bytes_per_token(cfg: ModelConfig, trainable_weights: bool = True) -> int:
-    """Bytes one decoder block keeps for backward, per token, in a bf16/fp16 model.
-
-    trainable_weights=True (full fine-tuning):            26 d + 8 f + 4 H + 8
-        each RMSNorm: fp32 input (4d) + 1/rms (4) + normalised x for the gain's gradient (2d)
-                      + its output, the next linear's input (2d)                    = 2 x (8d + 4)
-        attention: q, k, v (k, v already repeated to H heads) and the output (4 x 2d), log-sum-exp (4H)
-        W_o's input (2d); feed-forward: W1 x, silu(W1 x), W3 x, and W2's input (4 x 2f)
-    trainable_weights=False (a frozen block that gradients must pass through, as in PEFT): 16 d + 6 f + 4 H + 8
-        a frozen linear needs only its weight, not its input, so the 2d/2f inputs and the norms'
-        normalised copies are not kept (W2's input, 2f, and W_o's input, 2d, among them).
-    Attention through a fused kernel keeps no T x S score matrix; a plain softmax would add 2 H S per token."""
-    d, f, H = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads
-    if trainable_weights:
-        return 26 * d + 8 * f + 4 * H + 8
-    return 16 * d + 6 * f + 4 * H + 8
-
-
-def rope_table_bytes_per_token(cfg: ModelConfig) -> int:
-    """cos and sin (fp32, hd/2 each), computed once and shared by all layers: 4 * hd bytes per token."""
-    return 4 * cfg.head_dim
-
-
-def head_bytes_per_token(cfg: ModelConfig) -> int:
-    """Outside the blocks: the token ids (8, int64) and the final RMSNorm + output projection (8d + 4)."""
-    return 8 + 8 * cfg.dim + 4
-
-
-def model_activation_bytes(cfg: ModelConfig, batch: int, seq: int, recompute: bool = False) -> int:
-    """All activations kept for backward in full fine-tuning (logits and loss excluded).
-
-    Without recomputation every block keeps its activations: L * block. With recomputation a block keeps
-    only its input (2d per token) and rebuilds the rest in backward, so the peak adds one block's worth
-    while that block is recomputed (counted here as + 1 block)."""
-    per_layer = 2 * cfg.dim if recompute else block_activation_bytes_per_token(cfg)
-    total = cfg.n_layers * per_layer + rope_table_bytes_per_token(cfg) + head_bytes_per_token(cfg)
-    if recompute:
-        total += block_activation_bytes_per_token(cfg)          # the block being recomputed, at the peak
-    return batch * seq * total
-
-
 # ================================================================================================
 # Measuring: count the distinct storages autograd saves for backward
 # ================================================================================================

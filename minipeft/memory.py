@@ -1,0 +1,171 @@
+"""Memory formulas for training a decoder with Adam in mixed precision: model states, ZeRO, activations.
+
+Pure functions, numbers in and numbers out (bytes). Lesson 07 derives each one and checks it against
+measurements (a real Adam step, saved-tensor hooks) and against DeepSpeed's own estimators;
+tools/compare_methods.py uses them for its computed LLaMA-7B table.
+
+Model states (mixed-precision Adam), Psi = all parameters, Psi_t = trainable ones:
+    16-bit weight 2 Psi + 16-bit gradient 2 Psi_t + fp32 master, Adam m, v 12 Psi_t  = 2 Psi + 14 Psi_t
+ZeRO on N GPUs: stage 1 divides the 12 Psi_t by N, stage 2 also the 2 Psi_t, stage 3 also the 2 Psi;
+CPU offload moves gradients + optimizer (14 Psi_t) and, at stage 3, the weights (2 Psi) to the CPU.
+Activations per token per decoder block (16-bit, fused attention), d = dim, f = FFN width, H = heads:
+    trainable block 26 d + 8 f + 4 H + 8,   frozen block that gradients pass through 16 d + 6 f + 4 H + 8.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .model import Transformer
+
+WEIGHT_16 = 2    # bytes: the bf16/fp16 copy of every parameter, used in forward and backward
+GRAD_16 = 2      # bytes: the 16-bit gradient of a trainable parameter
+ADAM_32 = 12     # bytes: fp32 master weight (4) + Adam momentum m (4) + variance v (4), per trainable parameter
+
+
+# ---- model states ----------------------------------------------------------------------------------
+def model_state_bytes(total_params: int, trainable_params: int) -> dict:
+    """Mixed-precision Adam on one device, in bytes.
+
+    Every parameter (frozen or not) has a 16-bit weight; each trainable one also a 16-bit gradient and
+    12 bytes of fp32 optimizer state: 2 + 2 + 12 = 16 bytes per trainable parameter, 2 per frozen one.
+    Returns {"weights", "gradients", "optimizer", "total"}."""
+    parts = {"weights": WEIGHT_16 * total_params,
+             "gradients": GRAD_16 * trainable_params,
+             "optimizer": ADAM_32 * trainable_params}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def zero_bytes_per_gpu(total_params: int, trainable_params: int, n_gpus: int, stage: int,
+                       offload_optimizer: bool = False, offload_params: bool = False) -> dict:
+    """Model-state bytes per GPU and on the node's CPU under ZeRO (the ZeRO paper's 2 + 2 + 12 accounting).
+
+    stage 0: nothing partitioned (plain data parallel); stage 1: optimizer states split over n_gpus;
+    stage 2: also the gradients; stage 3: also the 16-bit weights.
+    offload_optimizer (ZeRO-Offload, stages 1-3): gradients and optimizer states live in CPU memory and the
+    Adam step runs on the CPU; the GPU keeps its 16-bit weights. offload_params (stage 3 only): the 16-bit
+    weights live on the CPU too and are fetched layer by layer (the working buffer is not counted here).
+    Returns {"gpu": bytes per GPU, "cpu": bytes for the whole node}."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+    if offload_params and stage != 3:
+        raise ValueError("offload_params needs ZeRO stage 3 (only stage 3 partitions the weights)")
+    if offload_optimizer and stage == 0:
+        raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3")
+    weights = WEIGHT_16 * total_params / (n_gpus if stage >= 3 else 1)
+    gradients = GRAD_16 * trainable_params / (n_gpus if stage >= 2 else 1)
+    optimizer = ADAM_32 * trainable_params / (n_gpus if stage >= 1 else 1)
+    gpu, cpu = weights + gradients + optimizer, 0.0
+    if offload_optimizer:                                    # every rank's share ends up on the same CPU
+        gpu -= gradients + optimizer
+        cpu += (GRAD_16 + ADAM_32) * trainable_params
+    if offload_params:
+        gpu -= weights
+        cpu += WEIGHT_16 * total_params
+    return {"gpu": gpu, "cpu": cpu}
+
+
+def deepspeed_cold_estimate(total_params: int, largest_layer_params: int, gpus_per_node: int, stage: int,
+                            offload_optimizer: bool, offload_params: bool = False,
+                            buffer_factor: float = 1.5) -> dict:
+    """DeepSpeed's own accounting (its *_all_cold estimators, zero_init=1, one node), written out term by term.
+
+    DeepSpeed keeps, per parameter, 16 bytes in the partitioned optimizer: an fp32 gradient (4), the fp32
+    master weight (4) and Adam's m and v (8). Stage 2 adds a 16-bit gradient partition (2) and the replicated
+    16-bit weights (2, not divided); stage 3 partitions the 16-bit weights (2) and counts no separate 16-bit
+    gradient (it is reduce-scattered straight out of a bucket). Stage 3 also gathers one layer at a time
+    into a 4-byte-per-parameter buffer (the largest layer). CPU figures carry a 1.5 safety factor; a
+    process that first builds an fp32 model on the CPU needs 4 bytes per parameter per GPU process.
+    Returns {"gpu": bytes per GPU, "cpu": bytes per node}."""
+    n = gpus_per_node
+    fp32_grad, fp32_master, adam_m_v = 4, 4, 8
+    partitioned = fp32_grad + fp32_master + adam_m_v                                  # 16
+    if stage == 3:
+        gather_buffer = 4 * largest_layer_params
+        if offload_optimizer and offload_params:
+            return {"gpu": gather_buffer, "cpu": (WEIGHT_16 + partitioned) * total_params * buffer_factor}
+        if offload_optimizer:
+            return {"gpu": gather_buffer + WEIGHT_16 * total_params // n,
+                    "cpu": partitioned * total_params * buffer_factor}
+        return {"gpu": gather_buffer + (WEIGHT_16 + partitioned) * total_params // n,
+                "cpu": 4 * largest_layer_params * n * buffer_factor}
+    if stage == 2:
+        if offload_optimizer:
+            return {"gpu": WEIGHT_16 * total_params, "cpu": max(4 * n, partitioned) * total_params * buffer_factor}
+        return {"gpu": WEIGHT_16 * total_params + (GRAD_16 + partitioned) * total_params // n,
+                "cpu": 4 * total_params * n * buffer_factor}
+    raise ValueError("DeepSpeed's estimators cover stages 2 and 3")
+
+
+def closed_form_trainable(cfg: ModelConfig, method: str, **hyper) -> int:
+    """Trainable parameters of each PEFT method, from the formulas of lessons 02-06 (no biases in the base).
+
+    lora: n_layers * sum over targets of rank * (d_in + d_out); prompt: P * d; prefix: L * 2 * P * kv_dim
+    directly, or with the MLP P*d + (d*h + h) + (h*L*2*kv_dim + L*2*kv_dim); adapter: 2 per layer of
+    (2 d m + d + m); llama_adapter: L_top * (K * d + H); full: everything."""
+    d, L, kv = cfg.dim, cfg.n_layers, cfg.kv_dim
+    if method == "full":
+        with torch.device("meta"):
+            return Transformer(cfg).num_parameters()
+    if method == "lora":
+        shapes = {"wq": (d, cfg.n_heads * cfg.head_dim), "wk": (d, kv), "wv": (d, kv),
+                  "wo": (cfg.n_heads * cfg.head_dim, d), "w1": (d, cfg.ffn_hidden_dim),
+                  "w2": (cfg.ffn_hidden_dim, d), "w3": (d, cfg.ffn_hidden_dim)}
+        return L * sum(hyper["rank"] * (shapes[t][0] + shapes[t][1]) for t in hyper["targets"])
+    if method == "prompt":
+        return hyper["prompt_len"] * d
+    if method == "prefix":
+        P, h = hyper["prefix_len"], hyper["reparam_hidden"]
+        if h is None:
+            return L * 2 * P * kv
+        return P * d + (d * h + h) + (h * L * 2 * kv + L * 2 * kv)
+    if method == "adapter":
+        m = hyper["bottleneck"]
+        return L * 2 * (2 * d * m + d + m)
+    if method == "llama_adapter":
+        return hyper["adapter_layers"] * (hyper["prompt_len"] * d + cfg.n_heads)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ---- activations (bytes per token, 16-bit activations, fp32 RMSNorm statistics, fused attention) -----
+def block_activation_bytes_per_token(cfg: ModelConfig, trainable_weights: bool = True) -> int:
+    """Bytes one decoder block keeps for backward, per token, in a bf16/fp16 model.
+
+    trainable_weights=True (full fine-tuning):            26 d + 8 f + 4 H + 8
+        each RMSNorm: fp32 input (4d) + 1/rms (4) + normalised x for the gain's gradient (2d)
+                      + its output, the next linear's input (2d)                    = 2 x (8d + 4)
+        attention: q, k, v (k, v already repeated to H heads) and the output (4 x 2d), log-sum-exp (4H)
+        W_o's input (2d); feed-forward: W1 x, silu(W1 x), W3 x, and W2's input (4 x 2f)
+    trainable_weights=False (a frozen block that gradients must pass through, as in PEFT): 16 d + 6 f + 4 H + 8
+        a frozen linear needs only its weight, not its input, so the 2d/2f inputs and the norms'
+        normalised copies are not kept (W2's input, 2f, and W_o's input, 2d, among them).
+    Attention through a fused kernel keeps no T x S score matrix; a plain softmax would add 2 H S per token."""
+    d, f, H = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads
+    if trainable_weights:
+        return 26 * d + 8 * f + 4 * H + 8
+    return 16 * d + 6 * f + 4 * H + 8
+
+
+def rope_table_bytes_per_token(cfg: ModelConfig) -> int:
+    """cos and sin (fp32, hd/2 each), computed once and shared by all layers: 4 * hd bytes per token."""
+    return 4 * cfg.head_dim
+
+
+def head_bytes_per_token(cfg: ModelConfig) -> int:
+    """Outside the blocks: the token ids (8, int64) and the final RMSNorm + output projection (8d + 4)."""
+    return 8 + 8 * cfg.dim + 4
+
+
+def model_activation_bytes(cfg: ModelConfig, batch: int, seq: int, recompute: bool = False) -> int:
+    """All activations kept for backward in full fine-tuning (logits and loss excluded).
+
+    Without recomputation every block keeps its activations: L * block. With recomputation a block keeps
+    only its input (2d per token) and rebuilds the rest in backward, so the peak adds one block's worth
+    while that block is recomputed (counted here as + 1 block)."""
+    per_layer = 2 * cfg.dim if recompute else block_activation_bytes_per_token(cfg)
+    total = cfg.n_layers * per_layer + rope_table_bytes_per_token(cfg) + head_bytes_per_token(cfg)
+    if recompute:
+        total += block_activation_bytes_per_token(cfg)          # the block being recomputed, at the peak
+    return batch * seq * total
