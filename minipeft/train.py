@@ -59,7 +59,7 @@ METHODS = ("full", "lora", "prompt", "prefix", "adapter", "llama_adapter")
 
 # Default learning rates per method (for the shipped tiny model and demo data; the literature's values for
 # LLaMA-7B are in the same order of magnitude: LoRA 1e-4..3e-4, LLaMA-Adapter 9e-3, prompt tuning 3e-2).
-METHOD_DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "prompt": 3e-2, "prefix": 5e-3, "adapter": 2e-3,
+METHOD_DEFAULT_LR = {"full": 1e-4, "lora": 6e-3, "prompt": 3e-2, "prefix": 5e-3, "adapter": 2e-3,
                      "llama_adapter": 1e-2}
 
 # Values that a DeepSpeed config may fix; None in TrainConfig means "not given on the command line".
