@@ -123,7 +123,7 @@ def hf_model(request):
     return make_hf_llama(**HF_SHAPES[request.param])
 
 
-@pytest.mark.parametrize("variant", ["safetensors", "sharded-safetensors", "bin"])
+@pytest.mark.parametrize("variant", ["safetensors", "sharded-safetensors", "bin", "sharded-bin"])
 def test_hf_folder_converts_to_same_logits(hf_model, variant, tmp_path):
     hf_dir = tmp_path / "hf"
     if variant == "safetensors":
@@ -132,9 +132,12 @@ def test_hf_folder_converts_to_same_logits(hf_model, variant, tmp_path):
     elif variant == "sharded-safetensors":
         hf_model.save_pretrained(hf_dir, max_shard_size="40KB")
         assert (hf_dir / "model.safetensors.index.json").is_file()
-    else:
+    elif variant == "bin":
         hf_model.save_pretrained(hf_dir, safe_serialization=False)
         assert (hf_dir / "pytorch_model.bin").is_file()
+    else:
+        hf_model.save_pretrained(hf_dir, safe_serialization=False, max_shard_size="40KB")
+        assert (hf_dir / "pytorch_model.bin.index.json").is_file()
     assert detect_format(hf_dir) == "hf"
 
     summary = convert_checkpoint(hf_dir, tmp_path / "ours")
