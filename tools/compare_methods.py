@@ -55,7 +55,7 @@ METHOD_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "llama_adapter": "L
                  "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapter (Houlsby)"}
 
 # Peak learning rates used without --sweep. Chosen by `--sweep` on the shipped tiny model and demo data
-# (grid SWEEP_LRS, 1 epoch of 480 examples, lowest validation loss on 160 training records outside the
+# (grid SWEEP_LRS, 1 epoch of 400 examples, lowest validation loss on 160 training records outside the
 # training subset); the sweep's numbers are in lessons/08_comparison/results.json.
 CHOSEN_LR = {"full": 1e-3, "lora": 3e-3, "llama_adapter": 1e-2, "prompt": 1e-1, "prefix": 1e-2,
              "adapter": 3e-3}
@@ -145,10 +145,12 @@ def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_
         chunk = train_points[start:start + eval_interval]
         train_curve.append((chunk[-1][0], sum(loss for _, loss in chunk) / len(chunk)))
     best_epoch, best_val = min(val_curve[1:] or val_curve, key=lambda point: point[1])
-    report = trainer.model.report
+    # apply_peft's report; under ZeRO-3 a parameter holds only its shard, and ds_numel its full size.
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in trainer.model.parameters()]
+    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
     return {
         "method": cfg.method, "lr": cfg.lr, "steps": trainer.total_steps,
-        "trainable": report.trainable, "total": report.total, "trainable_percent": report.percent,
+        "trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total,
         "final_train_loss": train_curve[-1][1],
         "initial_val_loss": val_curve[0][1],
         "best_val_loss": best_val, "best_val_epoch": best_epoch, "final_val_loss": val_curve[-1][1],
@@ -340,8 +342,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    "heldout.json with the default data, else a seeded --val-fraction split of --data)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data when no --val-data")
     p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated methods to run")
-    p.add_argument("--max-train-examples", type=int, default=480,
-                   help="train on the first N training examples (0: all). 480 x 3 epochs fits the CPU budget "
+    p.add_argument("--max-train-examples", type=int, default=400,
+                   help="train on the first N training examples (0: all). 400 x 3 epochs fits the CPU budget "
                         "and leaves the rest of the demo file for the sweep's validation")
     p.add_argument("--max-val-examples", type=int, default=160, help="use the first N held-out records (0: all)")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the training subset (the reference: 3)")
@@ -377,6 +379,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def shipped(path: str) -> str:
     import minipeft
     return str(Path(minipeft.assets_dir()) / path)
+
+
+def display_path(path) -> Optional[str]:
+    """A path relative to the repository root when it lies inside it (so results.json is portable)."""
+    if path is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def main(argv=None) -> int:
@@ -495,7 +508,8 @@ def main(argv=None) -> int:
     if rank != 0:
         return 0
     first = results[methods[0]]
-    settings = {"base": filled_cfg.model, "data": data_path, "val_data": val_path, "train_examples": len(data.train),
+    settings = {"base": display_path(filled_cfg.model), "data": display_path(data_path),
+                "val_data": display_path(val_path), "train_examples": len(data.train),
                 "val_examples": len(data.val), "exact_match_records": len(data.val_records),
                 "sweep_val_examples": len(sweep_val), "epochs": args.epochs, "steps": first["steps"],
                 "batch_size": filled_cfg.batch_size, "grad_accum": filled_cfg.grad_accum, "world_size": world_size,
