@@ -123,3 +123,9 @@ def test_bad_flags_give_clear_errors(capsys, tmp_path):
     assert compare_methods.main(["--data", str(tmp_path / "missing.json"), "--base", str(tmp_path),
                                  "--out", str(tmp_path)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_lr_flags():
+    assert compare_methods.parse_method_values(["all=1e-4", "prompt=0.1"], "--lr") == {
+        **{m: 1e-4 for m in METHODS}, "prompt": 0.1}
+    assert compare_methods.parse_method_values(["lora=1e-3,3e-3"], "--sweep-lrs", many=True) == {"lora": (1e-3, 3e-3)}

@@ -319,15 +319,16 @@ def parse_method_values(items: List[str], flag: str, many: bool = False) -> dict
     out = {}
     for item in items or []:
         method, sep, value = item.partition("=")
-        if not sep or method not in METHODS:
-            raise CompareError(f"{flag} {item!r}: expected METHOD=VALUE with METHOD one of {', '.join(METHODS)}")
+        if not sep or method not in METHODS + ("all",):
+            raise CompareError(f"{flag} {item!r}: expected METHOD=VALUE with METHOD one of {', '.join(METHODS)} "
+                               "or all")
         try:
             values = tuple(float(v) for v in value.split(",")) if many else float(value)
         except ValueError:
             raise CompareError(f"{flag} {item!r}: {value!r} is not a number") from None
         if any(v <= 0 for v in (values if many else (values,))):
             raise CompareError(f"{flag} {item!r}: learning rates must be > 0")
-        out[method] = values
+        out.update({m: values for m in METHODS} if method == "all" else {method: values})
     return out
 
 
@@ -354,7 +355,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 (or the DeepSpeed config's)")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps with linear warm-up")
     p.add_argument("--lr", action="append", metavar="METHOD=LR",
-                   help=f"peak lr of one method (repeatable); default the sweep's choice {CHOSEN_LR}")
+                   help=f"peak lr of one method, or all=LR for every method (repeatable, later wins); default the "
+                        f"sweep's choice {CHOSEN_LR}")
     p.add_argument("--sweep", action="store_true", help="choose each method's lr by a sweep first")
     p.add_argument("--sweep-lrs", action="append", metavar="METHOD=LR,LR,...",
                    help=f"a method's sweep grid (repeatable; default {SWEEP_LRS})")
