@@ -361,6 +361,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-lrs", action="append", metavar="METHOD=LR,LR,...",
                    help=f"a method's sweep grid (repeatable; default {SWEEP_LRS})")
     p.add_argument("--sweep-epochs", type=float, default=1.0, help="budget of each sweep run")
+    p.add_argument("--sweep-extend", type=int, default=2,
+                   help="when the best rate is at an edge of the grid, try up to this many rates beyond it")
     p.add_argument("--sweep-val-examples", type=int, default=160,
                    help="validation records of the sweep: the last N training records, outside the training subset")
     p.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy exact match")
@@ -483,16 +485,30 @@ def main(argv=None) -> int:
             if method in lr_given:
                 continue
             sweep[method] = {}
-            for lr in sweep_grid[method]:
-                cfg, ds_config = method_cfg(method, lr, args.sweep_epochs, f"sweep-{method}-{lr:g}")
-                result = run_method(cfg, base, tokenizer, sweep_data, ds_config, evals_per_epoch=1,
-                                    with_exact_match=False)
-                sweep[method][f"{lr:g}"] = result["final_val_loss"]
-                say(f"sweep {method:13s} lr {lr:<8g} val loss {result['final_val_loss']:.4f}  "
-                    f"({result['train_seconds']:.0f} s)")
-            finite = {lr: v for lr, v in sweep[method].items() if math.isfinite(v)}
-            if finite:
-                chosen[method] = float(min(finite, key=finite.get))
+            grid = sorted(sweep_grid[method])
+            tried: Dict[float, float] = {}
+            for _ in range(1 + args.sweep_extend):
+                for lr in grid:
+                    if lr in tried:
+                        continue
+                    cfg, ds_config = method_cfg(method, lr, args.sweep_epochs, f"sweep-{method}-{lr:g}")
+                    result = run_method(cfg, base, tokenizer, sweep_data, ds_config, evals_per_epoch=1,
+                                        with_exact_match=False)
+                    tried[lr] = result["final_val_loss"]
+                    sweep[method][f"{lr:g}"] = result["final_val_loss"]
+                    say(f"sweep {method:13s} lr {lr:<8g} val loss {result['final_val_loss']:.4f}  "
+                        f"({result['train_seconds']:.0f} s)")
+                finite = {lr: v for lr, v in tried.items() if math.isfinite(v)}
+                if not finite:
+                    break
+                best = min(finite, key=finite.get)
+                chosen[method] = best
+                # The best rate at an edge of the grid: try one more rate beyond it (the grid's own ratio).
+                ordered = sorted(tried)
+                if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
+                    break
+                ratio = ordered[-1] / ordered[-2] if best == ordered[-1] else ordered[1] / ordered[0]
+                grid = [best * ratio if best == ordered[-1] else best / ratio]
             say(f"sweep {method}: chosen lr {chosen[method]:g}")
 
     # ---- the comparison
