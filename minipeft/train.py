@@ -98,6 +98,8 @@ class TrainConfig:
     llama_adapter_len: int = 10
     llama_adapter_layers: Optional[int] = None
     llama_adapter_gate: str = "tanh"
+    trainable_embeddings: bool = False    # also train tok_embeddings and output in full (after a vocab extension)
+    base_dtype: str = "auto"              # frozen base weights: auto = float32 for fp32, else the half dtype
     # optimisation (None = not given: the default, or the DeepSpeed config's value)
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -153,14 +155,34 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.save_every >= 0 and cfg.eval_every >= 0, "--save-every and --eval-every must be >= 0")
     need(cfg.prompt_init in ("random", "vocab", "text"), f"--prompt-init {cfg.prompt_init!r}: expected random, vocab or text")
     need(cfg.prompt_init != "text" or cfg.prompt_init_text, "--prompt-init text needs --prompt-init-text")
+    need(cfg.base_dtype in BASE_DTYPES, f"--base-dtype {cfg.base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
     need(cfg.llama_adapter_gate in ("tanh", "plain"), f"--llama-adapter-gate {cfg.llama_adapter_gate!r}: expected tanh or plain")
     for name in ("train_data", "val_data", "deepspeed"):
         path = getattr(cfg, name)
         need(path is None or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: file not found")
 
 
+BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the frozen base weights are loaded in. "auto": float32 for fp32 training, else the
+    precision's half dtype, so a 7B base takes 2 bytes per parameter. Trainable parameters are always kept
+    in float32 (see Trainer), which autocast and the fp16 loss scaler need."""
+    if cfg.base_dtype != "auto":
+        return BASE_DTYPES[cfg.base_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+
+
 def peft_config_from(cfg: TrainConfig):
     """The method's config dataclass from the flags."""
+    config = _method_config(cfg)
+    if cfg.trainable_embeddings:
+        config = dataclasses.replace(config, extra_trainable=("tok_embeddings", "output"))
+    return config
+
+
+def _method_config(cfg: TrainConfig):
     from .peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig)
     if cfg.method == "full":
         return FullConfig()
@@ -461,6 +483,8 @@ class Trainer:
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        for _, p in self.trainable:      # fp32 trainables beside a half-precision frozen base (mixed precision)
+            p.data = p.data.float()
 
         # Data stream: each rank's share of an epoch, cut to equal lengths so all ranks step together.
         self.examples_per_rank = len(data.train) // self.world_size
@@ -758,13 +782,21 @@ def _write_json_atomic(path: Path, data) -> None:
 
 
 # ---- command line --------------------------------------------------------------------------------
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a fixed default (None means "per method / from the config")."""
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetune.py",
         description="Fine-tune a minipeft model with one PEFT method (plain PyTorch, or DeepSpeed with --deepspeed). "
                     "With no arguments: LoRA on the shipped tiny model and demo data, showing validation loss, "
                     "exact-match accuracy and generations before and after.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     d = TrainConfig()
     g = p.add_argument_group("data")
     g.add_argument("--train-data", help="Alpaca JSON list / JSON Lines, or a tokenized file from prepare_data.py "
@@ -779,6 +811,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="our checkpoint folder (default: the shipped tiny-llama)")
     g.add_argument("--tokenizer", help="SentencePiece model (default: <model>/tokenizer.model)")
+    g.add_argument("--base-dtype", default=d.base_dtype, choices=tuple(BASE_DTYPES),
+                   help="dtype of the frozen base weights; auto: float32 with --precision fp32, else bf16/fp16 "
+                   "to match (trainable parameters stay float32)")
     g = p.add_argument_group("method")
     g.add_argument("--method", default=d.method, choices=METHODS, help="what to train")
     g.add_argument("--lora-rank", type=int, default=d.lora_rank, help="LoRA rank r")
@@ -798,6 +833,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="top layers L that get the adapter prompt (default: min(30, n_layers))")
     g.add_argument("--llama-adapter-gate", default=d.llama_adapter_gate, choices=("tanh", "plain"),
                    help="gate form: tanh(g) (paper) or plain g (lit-llama / peft)")
+    g.add_argument("--trainable-embeddings", action="store_true",
+                   help="also train tok_embeddings and output in full, saved with the adapter (after extend_vocab.py)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"peak learning rate (default per method: {METHOD_DEFAULT_LR})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {RUN_DEFAULTS['weight_decay']})")
@@ -860,5 +897,5 @@ def prepare_run(cfg: TrainConfig):
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
-    base = load_model(cfg.model, dtype=torch.float32)
+    base = load_model(cfg.model, dtype=base_dtype(cfg))
     return cfg, ds_config, base, tokenizer, data

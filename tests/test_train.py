@@ -139,8 +139,24 @@ def test_fp16_scaler_skips_overflowing_step(ws, tmp_path):
 
 def test_bf16_autocast_trains(ws, tmp_path):
     trainer = build(make_cfg(ws, tmp_path, "llama_adapter", precision="bf16", max_steps=8))
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     losses = [h["loss"] for h in trainer.train()]
     assert losses[-1] < losses[0] and all(p.dtype == torch.float32 for _, p in trainer.trainable)
+    # --base-dtype auto: the frozen base is held in bf16 (2 bytes/parameter) and stays bit-identical
+    after = dict(trainer.model.named_parameters())
+    assert frozen and all(p.dtype == torch.bfloat16 and torch.equal(after[n], p) for n, p in frozen.items())
+
+
+def test_trainable_embeddings_are_trained_and_saved(ws, tmp_path):
+    trainer = build(make_cfg(ws, tmp_path, "lora", trainable_embeddings=True, max_steps=3))
+    names = {n for n, _ in trainer.trainable}
+    assert {"base.tok_embeddings.weight", "base.output.weight"} <= names
+    before = trainer.model.base.output.weight.detach().clone()
+    trainer.train()
+    trainer.save_final()
+    assert not torch.equal(before, trainer.model.base.output.weight)
+    reloaded = load_adapter(load_model(ws["model"], dtype=torch.float32), trainer.run_dir / "adapter")
+    assert torch.equal(reloaded.base.output.weight, trainer.model.base.output.weight.detach().cpu())
 
 
 # ---- the command line ---------------------------------------------------------------------------
