@@ -51,7 +51,7 @@ def _config_error(message: str) -> ValueError:
 class GatedAdapterPrompt(Attention):
     """An Attention that reuses a frozen layer's wq/wk/wv/wo and adds the gated adaption-prompt term.
 
-    Same forward signature and return value as Attention: (x, cos, sin, mask, past_kv) -> (out, (k, v)).
+    Attention.forward runs unchanged; only `attend` adds the prompt term. Same call signature and cache.
     Attention.__init__ is deliberately not called: it would build new projections, and the point is to keep
     the layer's own modules (so their names stay `attention.wq.weight`, ...)."""
 
@@ -88,16 +88,10 @@ class GatedAdapterPrompt(Attention):
         gated = probs * self.gate_values().float().view(1, -1, 1, 1)                   # (B, H, T, K)
         return (gated @ prompt_v).to(q.dtype)                                          # (B, H, T, hd)
 
-    def forward(self, x, cos, sin, mask, past_kv=None):
-        """x (B, T, d) -> (B, T, d), and this layer's (k, v) with the past in front (prompt not included)."""
-        B, T, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                          # (B, G, S, hd)
-            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
-        out = self.attend(q, k, v, mask) + self.prompt_attention(q)                    # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)          # (B, T, H*hd)
-        return self.wo(out), (k, v)
+    def attend(self, q, k, v, mask):
+        """The layer's own attention plus the gated prompt term, (B, H, T, hd); Attention.forward does the
+        rest (projections, cache, wo), so the cache and the call signature are the base layer's."""
+        return super().attend(q, k, v, mask) + self.prompt_attention(q)
 
     def extra_repr(self) -> str:
         return f"prompt_len={self.prompt_len}, n_heads={self.n_heads}, gate={self.gate_kind!r}"
