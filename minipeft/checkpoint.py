@@ -446,6 +446,7 @@ def _atomic_folder(target: Path, replace: bool):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "previous")
@@ -456,6 +457,17 @@ def _atomic_folder(target: Path, replace: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the finished checkpoint the modes a plain mkdir / open
+    would have given it under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 class _ShardWriter:

@@ -387,3 +387,17 @@ def test_convert_refuses_existing_output(small_model, small_cfg, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(CheckpointError, match="out: output folder already exists"):
         convert_checkpoint(folder, tmp_path / "out")
+
+
+def test_saved_folder_has_the_umask_permissions(small_model, small_cfg, tmp_path):
+    """The folder is built under a private temp name, but the finished checkpoint gets the modes a plain
+    mkdir / open would give under the umask (here 022: folder 755, files 644)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        save_model(small_model, small_cfg, tmp_path / "ckpt", max_shard_size=10_000)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755
+    files = list((tmp_path / "ckpt").iterdir())
+    assert len(files) > 2 and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
