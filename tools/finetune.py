@@ -24,23 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from minipeft.train import (TrainConfig, Trainer, TrainError, build_arg_parser, config_from_args,  # noqa: E402
-                            prepare_run)
-
-
-def assets_dir() -> Path:
-    import minipeft
-    if hasattr(minipeft, "assets_dir"):
-        return Path(minipeft.assets_dir())
-    return Path(minipeft.__file__).parent / "assets"
+from minipeft import assets_dir  # noqa: E402
+from minipeft.train import (TINY_MODEL_LR, TrainConfig, Trainer, TrainError, build_arg_parser,  # noqa: E402
+                            config_from_args, prepare_run)
 
 
 def with_shipped_defaults(cfg: TrainConfig) -> TrainConfig:
-    """The shipped tiny model and demo data where the command line names none."""
+    """The shipped tiny model (with the learning rates tuned for it) and demo data where the command line
+    names none."""
     import dataclasses
     values = {}
     if cfg.model is None:
         values["model"] = str(assets_dir() / "tiny-llama")
+        if cfg.lr is None:
+            values["lr"] = TINY_MODEL_LR[cfg.method]
     if cfg.train_data is None:
         values["train_data"] = str(assets_dir() / "demo_data" / "train.json")
         if cfg.val_data is None:
