@@ -23,9 +23,8 @@ from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized
 
 
 def default_tokenizer() -> str:
-    import minipeft
-    assets = Path(minipeft.assets_dir()) if hasattr(minipeft, "assets_dir") else Path(minipeft.__file__).parent / "assets"
-    return str(assets / "tiny-llama" / "tokenizer.model")
+    from minipeft import assets_dir
+    return str(assets_dir() / "tiny-llama" / "tokenizer.model")
 
 
 def main(argv=None) -> int:
