@@ -118,6 +118,8 @@ def train_tokenizer(train_texts, out_dir: Path, vocab_size: int, min_share: floa
             input_sentence_size=400_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
             max_sentence_length=8192, num_threads=threads, minloglevel=2,
         )
+    except RuntimeError as e:     # e.g. more distinct characters than --vocab-size can hold
+        raise PretrainError(f"training the tokenizer (--vocab-size {vocab_size}) failed: {e}") from None
     finally:
         os.unlink(input_path)
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
@@ -226,24 +228,8 @@ def plot_losses(history, path: Path, title: str) -> None:
 
 def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path: Path) -> None:
     """Our checkpoint folder (config.json + model.safetensors + tokenizer.model) in fp16."""
-    try:
-        from minipeft.checkpoint import save_model
-    except ImportError:
-        save_model = None
-    if save_model is not None:
-        save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16)
-        return
-    # Same format, written here while minipeft.checkpoint.save_model does not exist yet.
-    import shutil
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to(torch.float16).contiguous() for name, t in model.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
-    atomic_write_text(folder / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, folder / "tokenizer.model.tmp")
-    os.replace(folder / "tokenizer.model.tmp", folder / "tokenizer.model")
+    from minipeft.checkpoint import save_model
+    save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16)
 
 
 def main(argv=None) -> int:
