@@ -580,7 +580,8 @@ class Trainer:
             self.scaler.update()
             skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            if not skipped:                       # as DeepSpeed does: a skipped update does not advance the lr
+                self.scheduler.step()
             self.skipped_steps += int(skipped)
         self.step += 1
         loss = sum(losses) / len(losses)

@@ -131,6 +131,7 @@ def test_fp16_scaler_skips_overflowing_step(ws, tmp_path):
     metrics = trainer.train_step()
     assert metrics["skipped"] and trainer.scaler.get_scale() == 2.0 ** 99
     assert all(torch.equal(p, b) for (_, p), b in zip(trainer.trainable, before))
+    assert trainer.optimizer.param_groups[0]["lr"] == metrics["lr"]                      # the schedule waits
     trainer.scaler = torch.amp.GradScaler(trainer.device.type)                           # normal scale: trains
     metrics = trainer.train_step()
     assert not metrics["skipped"] and math.isfinite(metrics["loss"])
