@@ -20,6 +20,7 @@ Foreign folders, detected from their contents (`detect_format`):
 Every reader yields (our_key, tensor, source_file) one tensor at a time, so `convert_checkpoint` and
 `load_model` hold at most one copy of the weights (a 7B model is never in memory twice): the model is
 built on the `meta` device and the tensors are attached with load_state_dict(assign=True).
+`iter_checkpoint_tensors` is the checked stream itself (train.py fills a ZeRO-3 partitioned model from it).
 Each key and shape is checked against the model the config describes; a bad file is a CheckpointError
 naming the file and the key. Output folders are written under a temporary name next to the target and
 renamed at the end, so a failure leaves nothing half-written.
@@ -565,23 +566,31 @@ def _check_tokenizer_file(path: Path, cfg: ModelConfig) -> None:
         raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is {cfg.vocab_size}")
 
 
-def load_model(folder, dtype: Optional[torch.dtype] = None, device="cpu"):
-    """Read a checkpoint folder (ours; Meta and Hugging Face folders work too) into a Transformer in eval mode.
-
-    The model is built on the meta device, so no memory is spent on a random init; each tensor is checked,
-    converted to `dtype` (None keeps the stored dtype) and moved to `device`, then attached with
-    load_state_dict(assign=True): the weights exist once."""
-    from .model import Transformer
+def iter_checkpoint_tensors(folder, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(our key, tensor) for every weight of a checkpoint folder (ours, Meta or Hugging Face), one tensor in
+    memory at a time. Each key and shape is checked against the folder's config as it comes (CheckpointError
+    naming the file); a missing key raises after the last tensor. Floating tensors are converted to `dtype`
+    (None keeps the stored dtype)."""
     reader = open_checkpoint(folder)
     cfg = reader.config()
     checker = _TensorChecker(cfg, str(Path(folder) / reader.config_file))
-    state = {}
     for key, tensor, source in reader.tensors(cfg):
         checker.check(key, tensor, source)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        state[key] = tensor.to(device)
+        yield key, tensor
     checker.finish(str(folder))
+
+
+def load_model(folder, dtype: Optional[torch.dtype] = None, device="cpu"):
+    """Read a checkpoint folder (ours; Meta and Hugging Face folders work too) into a Transformer in eval mode.
+
+    The model is built on the meta device, so no memory is spent on a random init; each tensor is checked,
+    converted to `dtype` (None keeps the stored dtype) and moved to `device` (iter_checkpoint_tensors), then
+    attached with load_state_dict(assign=True): the weights exist once."""
+    from .model import Transformer
+    cfg = open_checkpoint(folder).config()
+    state = {key: tensor.to(device) for key, tensor in iter_checkpoint_tensors(folder, dtype)}
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict(state, strict=True, assign=True)

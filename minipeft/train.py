@@ -28,8 +28,9 @@ DeepSpeed (--deepspeed CONFIG.json): "auto" values in the config are filled from
 (micro batch, accumulation, train batch = micro * accumulation * world size, lr, weight decay, clipping,
 fp16/bf16, scheduler steps); a fixed value that contradicts the command line stops the run before any work.
 DeepSpeed owns accumulation (engine.backward / engine.step after every micro-batch), clipping and loss
-scaling. The final adapter is gathered on all ranks (the fp32 master copy of each trainable parameter,
-full size, also under ZeRO-3) and written by rank 0.
+scaling. Under ZeRO-3 the base is built already partitioned and filled from the checkpoint tensor by tensor
+(load_base_partitioned), so no rank ever holds the whole model. The final adapter is gathered on all ranks
+(the fp32 master copy of each trainable parameter, full size, also under ZeRO-3) and written by rank 0.
 
 Output in the run folder: train_config.json, metrics.jsonl (one JSON object per line: training steps and
 evaluations), checkpoints/, and adapter/ (save_adapter; for "full" a complete checkpoint folder).
@@ -489,7 +490,8 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         for _, p in self.trainable:      # fp32 trainables beside a half-precision frozen base (mixed precision)
-            p.data = p.data.float()
+            if not hasattr(p, "ds_id"):  # (a ZeRO-3 partitioned parameter holds only a shard: left as it is)
+                p.data = p.data.float()
 
         # Data stream: each rank's share of an epoch, cut to equal lengths so all ranks step together.
         self.examples_per_rank = len(data.train) // self.world_size
@@ -525,6 +527,13 @@ class Trainer:
             optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                           weight_decay=self.cfg.weight_decay)
             ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.precision)
+        if half is not None and any(hasattr(p, "ds_id") for p in self.model.parameters()):
+            # DeepSpeed casts a model to its half dtype only when no part of it came from zero.Init; with a
+            # partitioned base (already in `half`), cast the method's new parameters as it would have.
+            for p in self.model.parameters():
+                if not hasattr(p, "ds_id"):
+                    p.data = p.data.to(half)
         client_scheduler = None
         if "scheduler" not in ds_config:       # our warm-up + cosine, built on DeepSpeed's optimizer
             client_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
@@ -904,5 +913,56 @@ def prepare_run(cfg: TrainConfig):
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
-    base = load_model(cfg.model, dtype=base_dtype(cfg))
+    if _get(ds_config or {}, ("zero_optimization", "stage")) == 3:
+        base = load_base_partitioned(cfg, ds_config)
+    else:
+        base = load_model(cfg.model, dtype=base_dtype(cfg))
     return cfg, ds_config, base, tokenizer, data
+
+
+def zero3_dtype(cfg: TrainConfig, ds_config: dict) -> torch.dtype:
+    """The dtype of a ZeRO-3 partitioned base: the config's (float16 / bfloat16 when enabled, else float32),
+    which zero.Init takes from it (DeepSpeed 0.19 ignores an explicit dtype when the accelerator lacks fp16, as
+    on CPU, and does not cast a zero.Init model itself). An explicit --base-dtype must agree."""
+    dtype = (torch.float16 if _get(ds_config, ("fp16", "enabled")) is True else
+             torch.bfloat16 if _get(ds_config, ("bf16", "enabled")) is True else torch.float32)
+    if cfg.base_dtype != "auto" and BASE_DTYPES[cfg.base_dtype] != dtype:
+        raise TrainError(f"--base-dtype {cfg.base_dtype}: under ZeRO-3 the base is held in the DeepSpeed "
+                         f"config's dtype, {str(dtype).removeprefix('torch.')}; leave --base-dtype auto")
+    return dtype
+
+
+def load_base_partitioned(cfg: TrainConfig, ds_config: dict):
+    """The base model for ZeRO-3 without a full copy on any rank. It is built inside deepspeed.zero.Init, so
+    each parameter is cut into per-rank shards as it is created; then rank 0 streams the checkpoint
+    (iter_checkpoint_tensors, one tensor at a time) and each weight in turn is gathered, overwritten by rank 0
+    and partitioned again. Peak memory per rank: its shards plus one full tensor. Every rank calls this; an
+    error on rank 0 (a bad checkpoint) is sent to the others so that all of them stop."""
+    import deepspeed
+    import torch.distributed as dist
+    from .checkpoint import CheckpointError, iter_checkpoint_tensors, open_checkpoint
+    from .model import Transformer
+    dtype = zero3_dtype(cfg, ds_config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):          # parameters in `dtype`
+        model = Transformer(open_checkpoint(cfg.model).config())
+    params = dict(model.named_parameters())
+    assert all(p.dtype == dtype for p in params.values()), "zero.Init chose another dtype than the config's"
+    is_main = dist.get_rank() == 0
+    tensors = iter_checkpoint_tensors(cfg.model, dtype) if is_main else None
+    while True:
+        name, tensor, failure = None, None, None
+        if is_main:
+            try:
+                name, tensor = next(tensors, (None, None))
+            except Exception as err:                     # noqa: BLE001 - re-raised below, on every rank
+                failure = err
+        message = [name, None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(message, src=0)       # rank 0 names the next tensor (None: the end)
+        name, error = message
+        if error is not None:
+            raise failure if is_main else CheckpointError(f"{cfg.model}: rank 0 could not read it: {error}")
+        if name is None:
+            return model.eval()
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):   # rank 0's value is kept
+            if is_main:
+                params[name].data.copy_(tensor)

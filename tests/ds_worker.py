@@ -10,7 +10,12 @@ Cases (WORKSPACE.json from train_helpers.make_workspace plus the config paths):
                       checkpoint consolidated by DeepSpeed's zero_to_fp32 (the independent route to the
                       trained values) and the logits of the engine on a validation batch
   zero3_lora_bf16     ZeRO-3, LoRA, bf16
+  <case>_full_load    for the two ZeRO-3 cases: the same run with the whole base loaded on every rank
+                      (load_model, as before the partitioned load existed), for the losses to compare
   cli_zero2           tools/finetune.py main() itself with --deepspeed zero2.json
+
+The ZeRO-3 cases also record whether the partitioned base, gathered right after loading, equals the
+checkpoint's tensors exactly (loaded_exact).
 """
 
 import json
@@ -28,7 +33,8 @@ import torch.distributed as dist  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
 from minipeft.data import collate  # noqa: E402
-from minipeft.train import TrainConfig, Trainer, prepare_run  # noqa: E402
+import minipeft.train  # noqa: E402
+from minipeft.train import TrainConfig, Trainer, base_dtype, prepare_run  # noqa: E402
 
 
 def frozen_unchanged(trainer, original: dict) -> bool:
@@ -40,16 +46,53 @@ def frozen_unchanged(trainer, original: dict) -> bool:
         return all(torch.equal(p.detach().cpu(), original[n.removeprefix("base.")].to(p.dtype)) for n, p in frozen)
 
 
-def run_case(name, ws, out_dir, rank, **flags):
+def gathered_equal(model, expected: dict) -> bool:
+    """Every parameter of a (partitioned) model, gathered in full, equals expected[name] exactly."""
+    import deepspeed
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        return set(params) == set(expected) and all(torch.equal(p.detach(), expected[n]) for n, p in params.items())
+
+
+def load_whole_base(cfg, ds_config):
+    """Stands in for load_base_partitioned in the *_full_load cases: the whole base on every rank."""
+    return load_model(cfg.model, dtype=base_dtype(cfg))
+
+
+def run_full_load(name, ws, out_dir, rank, **flags):
+    """The same run with the full-load path; only its losses and frozen-weight check are kept."""
+    partitioned = minipeft.train.load_base_partitioned
+    minipeft.train.load_base_partitioned = load_whole_base
+    try:
+        cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**common_flags(name, ws, out_dir, flags)))
+    finally:
+        minipeft.train.load_base_partitioned = partitioned
+    assert not any(hasattr(p, "ds_id") for p in base.parameters())
+    trainer = Trainer(cfg, base, tokenizer, data, ds_config)
+    facts = {"losses": [h["loss"] for h in trainer.train()],
+             "frozen_unchanged": frozen_unchanged(trainer, load_model(ws["model"]).state_dict())}
+    dist.barrier()
+    return facts
+
+
+def common_flags(name, ws, out_dir, flags):
     common = dict(model=ws["model"], train_data=ws["train"], val_data=ws["val"], max_seq_len=ws["max_seq_len"],
                   batch_size=2, grad_accum=2, max_steps=8, warmup_steps=1, seed=0, device="cpu",
                   out=str(out_dir / name), progress=False, exact_match=False, eval_batch_size=8)
     common.update(flags)
-    cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**common))
+    return common
+
+
+def run_case(name, ws, out_dir, rank, **flags):
+    cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**common_flags(name, ws, out_dir, flags)))
+    facts = {"partitioned": any(hasattr(p, "ds_id") for p in base.parameters())}
+    if facts["partitioned"]:
+        checkpoint = {n: t.to(base_dtype(cfg)) for n, t in load_model(ws["model"]).state_dict().items()}
+        facts["loaded_exact"] = gathered_equal(base, checkpoint)
     trainer = Trainer(cfg, base, tokenizer, data, ds_config)
-    facts = {"zero_stage": trainer.engine.zero_optimization_stage(), "world_size": trainer.world_size,
-             "train_batch_size": trainer.engine.train_batch_size(),
-             "val_before": trainer.evaluate()["val_loss"]}
+    facts.update({"zero_stage": trainer.engine.zero_optimization_stage(), "world_size": trainer.world_size,
+                  "train_batch_size": trainer.engine.train_batch_size(),
+                  "val_before": trainer.evaluate()["val_loss"]})
     history = trainer.train()
     facts["losses"] = [h["loss"] for h in history]
     facts["val_after"] = trainer.evaluate()["val_loss"]
@@ -85,9 +128,11 @@ def main():
                                   deepspeed=ws["zero3_offload"])),
         ("zero3_lora_bf16", dict(method="lora", lr=5e-2, lora_rank=4, precision="bf16", deepspeed=ws["zero3"])),
     ]
-    for name, flags in cases:
+    runs = [(name, run_case, flags) for name, flags in cases]
+    runs += [(name + "_full_load", run_full_load, flags) for name, flags in cases if name.startswith("zero3")]
+    for name, run, flags in runs:
         try:
-            facts = run_case(name, ws, out_dir, rank, **flags)
+            facts = run(name, ws, out_dir, rank, **flags)
         except Exception:
             facts = {"error": traceback.format_exc()}
         (out_dir / f"rank{rank}_{name}.json").write_text(json.dumps(facts))

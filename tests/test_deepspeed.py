@@ -1,6 +1,7 @@
 """DeepSpeed for real on CPU: two ranks under torchrun (gloo), ZeRO-2 and ZeRO-3 with CPU offload, LoRA and
-LLaMA-Adapter, fp32 and bf16 (tests/ds_worker.py runs all cases in one launch); and the checks that stop a
-DeepSpeed config contradicting the command line before any work starts."""
+LLaMA-Adapter, fp32 and bf16, the ZeRO-3 base loaded partitioned vs. whole (tests/ds_worker.py runs all cases
+in one launch); and the checks that stop a DeepSpeed config contradicting the command line before any work
+starts."""
 
 import json
 import os
@@ -16,7 +17,7 @@ from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
 from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.train import TrainConfig, TrainError, resolve_deepspeed_config  # noqa: E402
+from minipeft.train import TrainConfig, TrainError, resolve_deepspeed_config, zero3_dtype  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tools" / "ds_configs"
@@ -43,6 +44,14 @@ def test_reference_recipe_values_come_from_the_config():
     assert ds["train_batch_size"] == 128 and ds["fp16"]["enabled"] is True
     zero = ds["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+
+
+def test_zero3_base_dtype_is_the_configs():
+    ds, cfg = resolve_deepspeed_config(ds_config("zero3.json"), TrainConfig(precision="bf16"), world_size=2)
+    assert zero3_dtype(cfg, ds) == torch.bfloat16
+    ds, cfg = resolve_deepspeed_config(ds_config("zero3.json"), TrainConfig(base_dtype="bfloat16"), world_size=2)
+    with pytest.raises(TrainError, match="--base-dtype bfloat16: under ZeRO-3 the base is held in .* float32"):
+        zero3_dtype(cfg, ds)
 
 
 @pytest.mark.parametrize("config, flags, message", [
@@ -115,6 +124,19 @@ def test_two_ranks_train_with_frozen_base(two_rank_run, case, stage, dtype):
         assert sum(f["losses"][-3:]) / 3 < f["losses"][0] and f["val_after"] < f["val_before"]
     assert facts(0, case)["losses"] == facts(1, case)["losses"]       # the logged loss is the mean over ranks
     assert (out / case / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case", ["zero3_offload_la", "zero3_lora_bf16"])
+def test_zero3_partitioned_load_matches_full_load(two_rank_run, case):
+    """Under ZeRO-3 the base is built partitioned (zero.Init) and filled tensor by tensor from the checkpoint:
+    right after loading, the gathered weights are the checkpoint's exactly, and training gives the losses of
+    the same run with the whole base loaded on every rank."""
+    ws, out, facts = two_rank_run
+    for rank in (0, 1):
+        partitioned, full = facts(rank, case), facts(rank, case + "_full_load")
+        assert partitioned["partitioned"] and partitioned["loaded_exact"]
+        assert full["frozen_unchanged"] and len(full["losses"]) == len(partitioned["losses"]) == 8
+        assert partitioned["losses"] == full["losses"]          # bit-identical on CPU (gloo, 2 ranks)
 
 
 def test_zero3_adapter_is_complete_and_reloads(two_rank_run):

@@ -30,10 +30,16 @@ Adapter folders (`save_adapter` / `load_adapter`):
 "full" writes the whole model with checkpoint.save_model (config.json + model.safetensors) beside its
 adapter_config.json. Loading checks the fingerprint field by field, so an adapter never lands on another base.
 `export_lora_to_hf_peft` writes Hugging Face peft's layout instead (see its docstring).
+
+A base built under DeepSpeed ZeRO-3 (train.load_base_partitioned) holds only a shard of each weight
+(shape (0,)): the methods read sizes from the config and the Linear modules' in/out_features, never from a
+base weight's shape; prompt tuning's inits gather the embedding table (`gathered`), and the parameter counts
+use DeepSpeed's full sizes (`full_numel`). The new parameters are plain ones; deepspeed.initialize shards them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -191,11 +197,11 @@ class PeftModel(nn.Module):
     @property
     def report(self) -> TrainableReport:
         params = list(self.parameters())
-        return TrainableReport(trainable=sum(p.numel() for p in params if p.requires_grad),
-                               total=sum(p.numel() for p in params))
+        return TrainableReport(trainable=sum(full_numel(p) for p in params if p.requires_grad),
+                               total=sum(full_numel(p) for p in params))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        return sum(full_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def adapter_state_dict(self) -> dict:
         """The method's tensors by name (without the "base." prefix), detached. A prefix is given folded:
@@ -280,6 +286,21 @@ class PeftModel(nn.Module):
 
 
 # ---- apply ---------------------------------------------------------------------------------------
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (then p.numel() is 0)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def gathered(param: torch.Tensor):
+    """A context in which `param` is complete on every rank: DeepSpeed's GatheredParameters for a ZeRO-3
+    partitioned parameter (one built under deepspeed.zero.Init, which holds only a shard and has a ds_id),
+    nothing for a plain one. A collective for a partitioned parameter: every rank must enter it."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+
+
 def _check_config(config) -> None:
     if type(config) not in PEFT_CONFIGS.values():
         raise PeftConfigError(f"expected one of {[c.__name__ for c in PEFT_CONFIGS.values()]}, "
@@ -317,7 +338,8 @@ def apply_peft(model: Transformer, config, *, tokenizer=None, generator: Optiona
         llama_adapter_names = tuple(install_llama_adapter(model, config))
     elif config.method == "prompt":
         from .soft_prompt import SoftPrompt, initial_weight
-        weight = initial_weight(config, model.tok_embeddings, tokenizer=tokenizer, generator=generator)
+        with gathered(model.tok_embeddings.weight):                # every init reads the embedding table
+            weight = initial_weight(config, model.tok_embeddings, tokenizer=tokenizer, generator=generator)
         extra["soft_prompt"] = SoftPrompt(config.prompt_len, model.config.dim, weight)
     elif config.method == "prefix":
         from .prefix import PrefixKV

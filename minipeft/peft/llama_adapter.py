@@ -65,7 +65,7 @@ class GatedAdapterPrompt(Attention):
         self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
         self.prompt_len, self.gate_kind = prompt_len, gate
         weight = attention.wq.weight                                                   # for device and dtype
-        dim = weight.shape[1]
+        dim = attention.wq.in_features        # not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
         prompt = torch.empty(prompt_len, dim, device=weight.device, dtype=weight.dtype)
         self.adapter_prompt = nn.Parameter(prompt.normal_(0.0, init_std))                  # (K, d)
         self.adapter_gate = nn.Parameter(torch.zeros(self.n_heads, device=weight.device, dtype=weight.dtype))
