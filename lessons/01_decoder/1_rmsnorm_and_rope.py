@@ -13,14 +13,11 @@ import torch
 
 from minipeft.model import RMSNorm, apply_rope, rope_cos_sin
 
+import sys
+from pathlib import Path
 
-def check(name, got, expected, tol):
-    """Print one check; raise AssertionError when max |got - expected| > tol."""
-    got = torch.as_tensor(got, dtype=torch.float64)
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    err = (got - expected).abs().max().item()
-    print(f"  [{'ok' if err <= tol else 'FAIL'}] {name}   (max |diff| {err:.1e}, tol {tol:.0e})")
-    assert err <= tol, f"{name}: max |diff| {err:.3e} exceeds {tol:.1e}"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
+from checks import check  # noqa: E402
 
 
 torch.manual_seed(0)

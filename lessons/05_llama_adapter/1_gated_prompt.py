@@ -16,22 +16,11 @@ import torch
 from minipeft.config import ModelConfig
 from minipeft.model import Transformer, rope_cos_sin
 from minipeft.peft import GatedAdapterPrompt, LlamaAdapterConfig, apply_peft
+import sys
+from pathlib import Path
 
-
-def check(name, got, expected, tol):
-    """Print one check; raise AssertionError when max |got - expected| > tol."""
-    got = torch.as_tensor(got, dtype=torch.float64)
-    expected = torch.as_tensor(expected, dtype=torch.float64)
-    err = (got - expected).abs().max().item()
-    print(f"  [{'ok' if err <= tol else 'FAIL'}] {name}   (max |diff| {err:.1e}, tol {tol:.0e})")
-    assert err <= tol, f"{name}: max |diff| {err:.3e} exceeds {tol:.1e}"
-
-
-def check_equal(name, got, expected):
-    """Exact equality (integers, lists)."""
-    shown = f"{got:,}" if isinstance(got, int) else f"{got}"
-    print(f"  [{'ok' if got == expected else 'FAIL'}] {name}: {shown}" + ("" if got == expected else f" != {expected}"))
-    assert got == expected, f"{name}: got {got}, expected {expected}"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
+from checks import check, check_equal  # noqa: E402
 
 
 torch.manual_seed(0)

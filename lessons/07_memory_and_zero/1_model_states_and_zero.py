@@ -24,20 +24,13 @@ from minipeft.model import Transformer
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig,
                            apply_peft)
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
+from checks import check, check_equal  # noqa: E402
+
 GiB = 2 ** 30
-
-
-def check(name, got, expected, tol):
-    """Print one check; raise AssertionError when |got - expected| > tol."""
-    err = abs(float(got) - float(expected))
-    print(f"  [{'ok' if err <= tol else 'FAIL'}] {name}   (|diff| {err:.2g}, tol {tol:.0e})")
-    assert err <= tol, f"{name}: got {got}, expected {expected}, |diff| {err:.3g} > {tol:.1g}"
-
-
-def check_equal(name, got, expected):
-    """Exact equality for integers."""
-    print(f"  [{'ok' if got == expected else 'FAIL'}] {name}: {got:,}" + ("" if got == expected else f" != {expected:,}"))
-    assert got == expected, f"{name}: got {got:,}, expected {expected:,}"
 
 
 # ================================================================================================

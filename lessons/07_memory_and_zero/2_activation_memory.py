@@ -12,15 +12,13 @@ from minipeft.config import ModelConfig
 from minipeft.memory import (block_activation_bytes_per_token, head_bytes_per_token, model_activation_bytes,
                              rope_table_bytes_per_token)
 from minipeft.model import Transformer, rope_cos_sin
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
+from checks import check  # noqa: E402
 
 GiB = 2 ** 30
-
-
-def check(name, got, expected, tol):
-    """Print one check; raise AssertionError when |got - expected| > tol."""
-    err = abs(float(got) - float(expected))
-    print(f"  [{'ok' if err <= tol else 'FAIL'}] {name}   (|diff| {err:.3g}, tol {tol:.2g})")
-    assert err <= tol, f"{name}: got {got}, expected {expected}, |diff| {err:.3g} > {tol:.3g}"
 
 
 # ================================================================================================

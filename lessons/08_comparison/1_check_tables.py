@@ -25,15 +25,14 @@ from minipeft.memory import closed_form_trainable
 from minipeft.model import Transformer
 from minipeft.peft import PEFT_CONFIGS, apply_peft
 
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
+from checks import check  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 GiB = 2 ** 30
-
-
-def check(name, got, expected, tol=0):
-    err = abs(float(got) - float(expected))
-    print(f"  [{'ok' if err <= tol else 'FAIL'}] {name}: {got:,}" + ("" if err <= tol else f" != {expected:,}"))
-    assert err <= tol, f"{name}: got {got}, expected {expected}"
 
 
 results = json.loads((HERE / "results.json").read_text())
