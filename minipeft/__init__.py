@@ -4,11 +4,12 @@ import pathlib
 
 from .checkpoint import load_model, save_model
 from .config import ModelConfig
+from .families import build_model
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "Transformer", "Tokenizer", "load_model", "save_model", "assets_dir"]
+__all__ = ["ModelConfig", "Transformer", "Tokenizer", "build_model", "load_model", "save_model", "assets_dir"]
 
 
 def assets_dir() -> pathlib.Path:

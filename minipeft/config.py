@@ -20,13 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .fileio import read_json
+
 
 class ConfigError(ValueError):
     """A config file or preset that cannot describe a model; the message names the file and key."""
 
 
+# The decoder families; `build_model` (families.py) maps each to its class.
+FAMILIES = ("llama",)
+
+
 @dataclass
 class ModelConfig:
+    family: str = "llama"                # which decoder: "llama" (model.py); see FAMILIES
     dim: int = 4096                      # model width d
     n_layers: int = 32
     n_heads: int = 32
@@ -40,6 +47,8 @@ class ModelConfig:
     max_seq_len: int = 2048
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family {self.family!r}: expected one of {', '.join(FAMILIES)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads != 0:
@@ -165,7 +174,7 @@ class ModelConfig:
 
     def fingerprint(self) -> dict:
         """The fields that decide weight shapes and numerics: an adapter trained on one base refuses a
-        base whose fingerprint differs."""
+        base whose fingerprint differs. (Adapters saved before `family` existed lack it: they are "llama".)"""
         return {k: v for k, v in self.to_dict().items() if k != "max_seq_len"}
 
 
@@ -177,16 +186,7 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional
 
 
 def _read_json(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json(path, ConfigError)
 
 
 PRESETS = {

@@ -20,7 +20,7 @@ One example (T = P + R tokens):
 
 The prompt and the response are encoded separately, so the ids the model sees after the prompt in
 training are exactly the ids `generate` produces after the same prompt. Labels are aligned with
-input_ids; the loss shifts them: logits[:, t] predicts labels[:, t + 1] (see `causal_lm_loss`).
+input_ids; the loss shifts them: logits[:, t] predicts labels[:, t + 1] (see minipeft/loss.py).
 
 Truncation to max_seq_len (T > max_seq_len) never silently drops the whole response:
   1. the prompt is cut first, keeping BOS and the prompt's *end* (the "### Response:" marker and the
@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-IGNORE_INDEX = -100   # label of positions that do not count in the loss (prompt, padding)
+from .loss import IGNORE_INDEX, causal_lm_loss  # noqa: F401  (causal_lm_loss: its old home, kept importable)
 
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -288,18 +288,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
     run replays exactly the batches an uninterrupted run would see."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
-
-
-# ---- the loss -----------------------------------------------------------------------------------
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy. logits (B, T, V), labels (B, T) aligned with the inputs: position t
-    predicts labels[:, t + 1]; IGNORE_INDEX labels do not count. reduction "mean" (over counted tokens)
-    or "sum". Computed in float32."""
-    shifted_logits = logits[:, :-1].float()                                          # (B, T-1, V)
-    shifted_labels = labels[:, 1:]                                                    # (B, T-1)
-    return torch.nn.functional.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-                                             shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                             reduction=reduction)
 
 
 # ---- tokenized dataset files (tools/prepare_data.py) --------------------------------------------

@@ -26,7 +26,7 @@ This file knows nothing about PEFT: prompt tuning uses `input_embeds`, prefix tu
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-
-KVCache = List[Tuple[torch.Tensor, torch.Tensor]]
+from .kv_cache import KVCache, append_kv, cache_length
 
 
 class RMSNorm(nn.Module):
@@ -95,9 +94,7 @@ class Attention(nn.Module):
         """x (B, T, d) -> (B, T, d), and this layer's updated (k, v) with the past in front."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0].to(k.dtype), k], dim=2)                      # (B, G, S, hd)
-            v = torch.cat([past_kv[1].to(v.dtype), v], dim=2)
+        k, v = append_kv(past_kv, k, v)                                            # (B, G, S, hd) each
         out = self.attend(q, k, v, mask)                                           # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)      # (B, T, H*hd)
         return self.wo(out), (k, v)
@@ -159,13 +156,16 @@ class Transformer(nn.Module):
         position_ids: Optional[torch.Tensor] = None,   # (B, T) explicit positions (e.g. left padding)
         attention_mask: Optional[torch.Tensor] = None, # (B, S_past + T) or (B, T): 1 = real key, 0 = padding
         use_cache: bool = False,
+        return_hidden: bool = False,                   # give h_L (B, T, d) instead of logits (see head())
     ):
-        """Returns logits (B, T, V); with use_cache=True, (logits, cache) where cache holds past + new keys."""
+        """Returns logits (B, T, V); with use_cache=True, (logits, cache) where cache holds past + new keys.
+        With return_hidden=True the last block's output h_L (B, T, d) instead of the logits: head(h_L) gives
+        them, so a loss can apply the output layer to only the positions it needs."""
         if (tokens is None) == (input_embeds is None):
             raise ValueError("pass exactly one of tokens or input_embeds")
         h = self.tok_embeddings(tokens) if tokens is not None else input_embeds      # (B, T, d)
         B, T, _ = h.shape
-        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        past_len = cache_length(past_key_values)
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
 
@@ -183,8 +183,12 @@ class Transformer(nn.Module):
             else:
                 h, kv = layer(h, cos, sin, mask, past_kv)
             new_cache.append(kv)
-        logits = self.output(self.norm(h))                                             # (B, T, V)
-        return (logits, new_cache) if use_cache else logits
+        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
+        return (out, new_cache) if use_cache else out
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's output (..., d) -> logits (..., V): final RMSNorm, then the output layer."""
+        return self.output(self.norm(h))
 
     @staticmethod
     def build_mask(B: int, T: int, past_len: int, attention_mask: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:

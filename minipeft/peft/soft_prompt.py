@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-IGNORE_INDEX = -100   # the label cross-entropy skips
+from ..loss import IGNORE_INDEX
 
 
 def _config_error(message: str) -> ValueError:

@@ -1,0 +1,151 @@
+"""Reading weight files one tensor at a time, and checking each tensor against the model a config describes.
+Every error is a CheckpointError that names the file (and the key)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from ..config import ModelConfig
+from ..fileio import read_json as _read_json_checked
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_NAME = "tokenizer.model"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3   # bytes
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be read; the message names the file and the problem."""
+
+
+def read_json(path: Path) -> dict:
+    return _read_json_checked(path, CheckpointError)
+
+
+def expected_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every parameter name of build_model(cfg) -> its shape (built on the meta device: no memory)."""
+    from ..families import build_model
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+class TensorChecker:
+    """Checks a stream of (key, tensor, file) against the expected names and shapes, one at a time."""
+
+    def __init__(self, cfg: ModelConfig, config_source: str):
+        self.expected = expected_shapes(cfg)
+        self.config_source = config_source
+        self.seen: Dict[str, str] = {}   # key -> file it came from
+
+    def check(self, key: str, tensor: torch.Tensor, source: str) -> None:
+        if key not in self.expected:
+            raise CheckpointError(f"{source}: unexpected key {key!r}: the model described by "
+                                  f"{self.config_source} has no such parameter")
+        if key in self.seen:
+            raise CheckpointError(f"{source}: key {key!r} appears twice (also in {self.seen[key]})")
+        if tuple(tensor.shape) != self.expected[key]:
+            raise CheckpointError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, but {self.config_source} "
+                                  f"implies {self.expected[key]}")
+        self.seen[key] = source
+
+    def finish(self, where: str) -> None:
+        missing = [k for k in self.expected if k not in self.seen]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(f"{where}: missing key(s) {shown} required by {self.config_source}")
+
+
+
+
+def _safetensors_keys(path: Path) -> List[str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for a bad header / truncated file
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _iter_safetensors(path: Path, keys: Optional[List[str]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from one safetensors file, one tensor in memory at a time."""
+    from safetensors import safe_open
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    with handle as f:
+        available = set(f.keys())
+        for key in (keys if keys is not None else list(f.keys())):
+            if key not in available:
+                raise CheckpointError(f"{path}: key {key!r} is listed in the index but not in this file")
+            try:
+                tensor = f.get_tensor(key)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
+            yield key, tensor
+
+
+def torch_load(path: Path) -> dict:
+    """A .pth/.bin state dict, memory-mapped (tensors are paged in from disk only when used)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def tokenizer_vocab_size(path: Path) -> int:
+    """Number of pieces in a SentencePiece model file."""
+    import sentencepiece as spm
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable SentencePiece model: {e}") from None
+    return processor.GetPieceSize()
+
+
+def weight_files(folder: Path, single: str, index: str) -> Optional[List[Tuple[Path, Optional[List[str]]]]]:
+    """[(file, keys to read or None for all)] from an index json or a single file; None if neither is there.
+    Every file an index names must exist."""
+    index_path = folder / index
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: no 'weight_map' (key -> file) in the index")
+        keys_by_file: Dict[str, List[str]] = {}
+        for key, filename in weight_map.items():
+            keys_by_file.setdefault(filename, []).append(key)
+        for filename in keys_by_file:
+            if not (folder / filename).is_file():
+                raise CheckpointError(f"{index_path}: names shard {filename!r}, which is missing from {folder}")
+        return [(folder / filename, keys) for filename, keys in keys_by_file.items()]
+    if (folder / single).is_file():
+        return [(folder / single, None)]
+    return None
+
+
+def iter_weight_files(files: List[Tuple[Path, Optional[List[str]]]]) -> Iterator[Tuple[str, torch.Tensor, str]]:
+    """(key, tensor, file) from safetensors or torch (.bin/.pth) files."""
+    for path, keys in files:
+        if path.suffix == ".safetensors":
+            for key, tensor in _iter_safetensors(path, keys):
+                yield key, tensor, str(path)
+        else:
+            state = torch_load(path)
+            for key in (keys if keys is not None else list(state)):
+                if key not in state:
+                    raise CheckpointError(f"{path}: key {key!r} is listed in the index but not in this file")
+                yield key, state.pop(key), str(path)
+
+

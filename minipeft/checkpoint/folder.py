@@ -1,0 +1,108 @@
+"""Our checkpoint folder: save_model, load_model (any family, any supported format), the checked tensor
+stream, and streamed conversion of foreign folders into ours."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..fileio import atomic_folder
+from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, CheckpointError, TensorChecker,
+                    tokenizer_vocab_size)
+from .readers import open_checkpoint
+from .writer import ShardWriter, parse_size
+
+
+def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], cfg: ModelConfig, folder,
+               tokenizer_path=None, dtype: Optional[torch.dtype] = None,
+               max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write our checkpoint folder (config.json + model.safetensors or shards [+ tokenizer.model]).
+    An existing folder is replaced only once the new one is completely written."""
+    folder = Path(folder)
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    checker = TensorChecker(cfg, "the given ModelConfig")
+    for key, tensor in state.items():
+        checker.check(key, tensor, "state dict to save")
+    checker.finish("state dict to save")
+    if tokenizer_path is not None:
+        _check_tokenizer_file(Path(tokenizer_path), cfg)
+    with atomic_folder(folder, overwrite=True, error=CheckpointError) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size), dtype)
+        for key, tensor in state.items():
+            writer.add(key, tensor)
+        writer.finish()
+        cfg.save(tmp / CONFIG_NAME)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+    return folder
+
+
+def _check_tokenizer_file(path: Path, cfg: ModelConfig) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer file not found")
+    pieces = tokenizer_vocab_size(path)
+    if pieces != cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is {cfg.vocab_size}")
+
+
+def iter_checkpoint_tensors(folder, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(our key, tensor) for every weight of a checkpoint folder (ours, Meta or Hugging Face), one tensor in
+    memory at a time. Each key and shape is checked against the folder's config as it comes (CheckpointError
+    naming the file); a missing key raises after the last tensor. Floating tensors are converted to `dtype`
+    (None keeps the stored dtype)."""
+    reader = open_checkpoint(folder)
+    cfg = reader.config()
+    checker = TensorChecker(cfg, str(Path(folder) / reader.config_file))
+    for key, tensor, source in reader.tensors(cfg):
+        checker.check(key, tensor, source)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        yield key, tensor
+    checker.finish(str(folder))
+
+
+def load_model(folder, dtype: Optional[torch.dtype] = None, device="cpu"):
+    """Read a checkpoint folder (ours; Meta and Hugging Face folders work too) into a Transformer in eval mode.
+
+    The model is built on the meta device, so no memory is spent on a random init; each tensor is checked,
+    converted to `dtype` (None keeps the stored dtype) and moved to `device` (iter_checkpoint_tensors), then
+    attached with load_state_dict(assign=True): the weights exist once."""
+    from ..families import build_model
+    cfg = open_checkpoint(folder).config()
+    state = {key: tensor.to(device) for key, tensor in iter_checkpoint_tensors(folder, dtype)}
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def convert_checkpoint(src, out, dtype: Optional[torch.dtype] = None,
+                       max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> dict:
+    """Convert a Meta or Hugging Face LLaMA folder (or one of ours) into our folder format, tensor by tensor.
+
+    Returns a summary: format, num_parameters, dtype, out. `out` must not exist yet; on any failure it is
+    not created."""
+    reader = open_checkpoint(src)
+    cfg = reader.config()
+    checker = TensorChecker(cfg, str(Path(src) / reader.config_file))
+    dtypes_seen = set()
+    with atomic_folder(Path(out), overwrite=False, error=CheckpointError) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size), dtype)
+        for key, tensor, source in reader.tensors(cfg):
+            checker.check(key, tensor, source)
+            dtypes_seen.add(str(dtype or tensor.dtype).removeprefix("torch."))
+            writer.add(key, tensor)
+            del tensor
+        checker.finish(str(src))
+        writer.finish()
+        cfg.save(tmp / CONFIG_NAME)
+        if reader.tokenizer_path is not None:
+            shutil.copyfile(reader.tokenizer_path, tmp / TOKENIZER_NAME)
+    return {"format": reader.format, "num_parameters": writer.num_parameters,
+            "dtype": ",".join(sorted(dtypes_seen)), "out": str(out), "config": cfg,
+            "tokenizer": reader.tokenizer_path is not None}

@@ -1,0 +1,241 @@
+"""The checkpoint folders we read, detected from their contents: ours, Meta's and Hugging Face's.
+Each reader gives the folder's ModelConfig and a stream of (our_key, tensor, source_file)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, expected_shapes,
+                    iter_weight_files, read_json, tokenizer_vocab_size, torch_load, weight_files)
+from .hf_llama import hf_tensor_to_ours
+
+META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def detect_format(folder) -> str:
+    """'ours', 'meta' or 'hf', from what the folder contains."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if (folder / "params.json").is_file():
+        return "meta"
+    config_path = folder / CONFIG_NAME
+    if config_path.is_file():
+        config = read_json(config_path)
+        if "model_type" in config:
+            return "hf"
+        if "dim" in config:
+            return "ours"
+        raise CheckpointError(f"{config_path}: neither our config (with 'dim') nor a Hugging Face config "
+                              f"(with 'model_type')")
+    raise CheckpointError(
+        f"{folder}: not a checkpoint folder. Expected one of: our format (config.json with 'dim' + "
+        f"model.safetensors), Meta (params.json + consolidated.00.pth ...), or Hugging Face "
+        f"(config.json with model_type 'llama' + model.safetensors or pytorch_model.bin)")
+
+
+def _check_tokenizer(folder: Path, cfg: ModelConfig, config_name: str, allow_extra_model_rows: bool = False) -> None:
+    """A tokenizer.model next to the weights must fit the model's vocabulary."""
+    tokenizer_path = folder / TOKENIZER_NAME
+    if not tokenizer_path.is_file():
+        return
+    pieces = tokenizer_vocab_size(tokenizer_path)
+    fits = pieces <= cfg.vocab_size if allow_extra_model_rows else pieces == cfg.vocab_size
+    if not fits:
+        raise CheckpointError(f"{tokenizer_path}: tokenizer has {pieces} pieces but {folder / config_name} "
+                              f"gives the model a vocabulary of {cfg.vocab_size}")
+
+
+class _Reader:
+    """A checkpoint folder: its format, its ModelConfig, and a stream of (our_key, tensor, file)."""
+    format: str
+    config_file: str
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @property
+    def tokenizer_path(self) -> Optional[Path]:
+        path = self.folder / TOKENIZER_NAME
+        return path if path.is_file() else None
+
+    def config(self) -> ModelConfig:
+        raise NotImplementedError
+
+    def tensors(self, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, str]]:
+        raise NotImplementedError
+
+
+class _OursReader(_Reader):
+    format, config_file = "ours", CONFIG_NAME
+
+    def config(self) -> ModelConfig:
+        try:
+            cfg = ModelConfig.load(self.folder / CONFIG_NAME)
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(str(e)) from None
+        _check_tokenizer(self.folder, cfg, CONFIG_NAME)
+        return cfg
+
+    def tensors(self, cfg):
+        files = weight_files(self.folder, WEIGHTS_NAME, INDEX_NAME)
+        if files is None:
+            raise CheckpointError(f"{self.folder}: no {WEIGHTS_NAME} or {INDEX_NAME} next to {CONFIG_NAME}")
+        yield from iter_weight_files(files)
+
+
+def _llama_tensor_to_ours(hf_key: str, tensor: torch.Tensor, cfg: ModelConfig):
+    if hf_key.endswith("rotary_emb.inv_freq"):     # a recomputable buffer, not a weight
+        return None
+    return hf_tensor_to_ours(hf_key, tensor, cfg)
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """How to read the folders of one transformers `model_type`."""
+    config: Callable[[Path], ModelConfig]           # config.json path -> our ModelConfig (ConfigError if unfit)
+    tensor_to_ours: Callable                        # (hf_key, tensor, cfg) -> (our_key, tensor), None to skip;
+                                                    # KeyError for a key that is not one of the family's
+    what: str                                       # for messages: "a LLaMA parameter"
+
+
+# transformers model_type -> how to read it. A new family adds one entry here (and its name table beside
+# hf_llama.py).
+HF_MODEL_TYPES: Dict[str, HFFamily] = {
+    "llama": HFFamily(ModelConfig.from_hf_config, _llama_tensor_to_ours, "a LLaMA parameter"),
+}
+
+
+class _HFReader(_Reader):
+    format, config_file = "hf", CONFIG_NAME
+
+    @property
+    def family(self) -> HFFamily:
+        model_type = read_json(self.folder / CONFIG_NAME).get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise CheckpointError(f"{self.folder / CONFIG_NAME}: model_type is {model_type!r}, expected one of "
+                                  f"{sorted(HF_MODEL_TYPES)}")
+        return HF_MODEL_TYPES[model_type]
+
+    def config(self) -> ModelConfig:
+        try:
+            cfg = self.family.config(self.folder / CONFIG_NAME)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        # transformers folders may give the model more rows than tokenizer.model has pieces (added tokens
+        # such as a pad token live in tokenizer.json), so only a tokenizer larger than the model is wrong.
+        _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=True)
+        return cfg
+
+    def tensors(self, cfg):
+        family = self.family
+        files = (weight_files(self.folder, "model.safetensors", "model.safetensors.index.json")
+                 or weight_files(self.folder, "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        if files is None:
+            raise CheckpointError(f"{self.folder}: Hugging Face config.json found but no weights: expected "
+                                  f"model.safetensors, pytorch_model.bin, or a sharded *.index.json")
+        for hf_key, tensor, source in iter_weight_files(files):
+            try:
+                converted = family.tensor_to_ours(hf_key, tensor, cfg)
+            except KeyError:
+                raise CheckpointError(f"{source}: unexpected key {hf_key!r} (not {family.what})") from None
+            if converted is not None:
+                yield converted[0], converted[1], source
+
+
+# Which dimension Meta's model-parallel shards split each weight on (None: replicated on every shard).
+META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0,
+                  "wo": 1, "w2": 1, "tok_embeddings": 1,
+                  "attention_norm": None, "ffn_norm": None, "norm": None}
+META_IGNORED_KEYS = ("rope.freqs",)
+
+
+def _meta_module_name(key: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'wq'; 'tok_embeddings.weight' -> 'tok_embeddings'."""
+    return key.removesuffix(".weight").rsplit(".", 1)[-1]
+
+
+class _MetaReader(_Reader):
+    format, config_file = "meta", "params.json"
+
+    def shard_paths(self) -> List[Path]:
+        numbers = {}
+        for path in self.folder.iterdir():
+            match = META_SHARD.match(path.name)
+            if match:
+                numbers[int(match.group(1))] = path
+        if not numbers:
+            raise CheckpointError(f"{self.folder}: params.json found but no consolidated.00.pth")
+        for i in range(max(numbers) + 1):
+            if i not in numbers:
+                raise CheckpointError(f"{self.folder}: shard consolidated.{i:02d}.pth is missing (found shards "
+                                      f"{sorted(numbers)}; Meta shards are numbered 00 .. N-1 without gaps)")
+        return [numbers[i] for i in range(len(numbers))]
+
+    def config(self) -> ModelConfig:
+        params_path = self.folder / "params.json"
+        params = read_json(params_path)
+        vocab_size = None
+        if params.get("vocab_size", -1) in (-1, None):
+            if self.tokenizer_path is None:
+                raise CheckpointError(f"{params_path}: vocab_size is -1 and there is no {TOKENIZER_NAME} in "
+                                      f"{self.folder} to take it from")
+            vocab_size = tokenizer_vocab_size(self.tokenizer_path)
+        try:
+            cfg = ModelConfig.from_params_json(params_path, vocab_size=vocab_size)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        _check_tokenizer(self.folder, cfg, "params.json")
+        return cfg
+
+    def tensors(self, cfg):
+        paths = self.shard_paths()
+        shards = [torch_load(p) for p in paths]
+        for path, shard in zip(paths, shards):
+            for key in META_IGNORED_KEYS:
+                shard.pop(key, None)
+        first_path, first = paths[0], shards[0]
+        for path, shard in zip(paths[1:], shards[1:]):
+            if set(shard) != set(first):
+                differing = sorted(set(shard) ^ set(first))[:3]
+                raise CheckpointError(f"{path}: keys differ from {first_path.name} (e.g. {differing})")
+        names = ", ".join(p.name for p in paths)
+        expected = expected_shapes(cfg)
+        for key in list(first):
+            module = _meta_module_name(key)
+            if module not in META_SPLIT_DIM:
+                raise CheckpointError(f"{first_path}: unexpected key {key!r} (not a LLaMA parameter)")
+            pieces = [shard.pop(key) for shard in shards]
+            split_dim = META_SPLIT_DIM[module]
+            if split_dim is None:
+                for path, piece in zip(paths[1:], pieces[1:]):
+                    if not torch.equal(piece, pieces[0]):
+                        raise CheckpointError(f"{path}: {key!r} differs from {first_path.name}; norms are "
+                                              f"replicated and must agree on every shard")
+                tensor = pieces[0]
+            else:
+                tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=split_dim)
+            want = expected.get(key)
+            if want is not None and tuple(tensor.shape) != want:
+                raise CheckpointError(
+                    f"{self.folder}: joining {key!r} from {len(paths)} shard(s) ({names}) on dim {split_dim} gives "
+                    f"shape {tuple(tensor.shape)} but params.json implies {want} (shard shapes "
+                    f"{[tuple(p.shape) for p in pieces]}: a shard missing or extra?)")
+            yield key, tensor, f"{self.folder}/{{{names}}}"
+
+
+READERS = {"ours": _OursReader, "meta": _MetaReader, "hf": _HFReader}
+
+
+def open_checkpoint(folder) -> _Reader:
+    """The reader for a folder of any supported format."""
+    folder = Path(folder)
+    return READERS[detect_format(folder)](folder)
+
+

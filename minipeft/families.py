@@ -1,0 +1,38 @@
+"""Model families: which decoder class a ModelConfig builds.
+
+    model = build_model(ModelConfig.from_name("tiny"))        # the class of cfg.family, randomly initialised
+    with torch.device("meta"): model = build_model(cfg)       # shapes only, no memory (load_model does this)
+
+Every family's model has the same forward signature as model.Transformer (tokens or input_embeds,
+past_key_values, start_pos, position_ids, attention_mask, use_cache), the same cache layout per layer ((k, v),
+each (B, G, S, hd)), `config`, `gradient_checkpointing`, and blocks under `layers.{i}` whose `attention`
+exposes `project` / `attend`, so every PEFT method, `generate` and the trainer work on all of them.
+Adding a family = its model file + one entry in FAMILY_CLASSES (+ its name in config.FAMILIES).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch.nn as nn
+
+from .config import ModelConfig
+from .model import Transformer
+
+FAMILY_CLASSES: Dict[str, type] = {
+    "llama": Transformer,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The decoder of cfg.family, built from cfg (on the current default device)."""
+    return FAMILY_CLASSES[cfg.family](cfg)
+
+
+def decoder_classes() -> Tuple[type, ...]:
+    """The classes a model built by build_model can have (for isinstance checks)."""
+    return tuple(dict.fromkeys(FAMILY_CLASSES.values()))
+
+
+def is_decoder(model) -> bool:
+    return isinstance(model, decoder_classes())

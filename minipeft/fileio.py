@@ -1,0 +1,150 @@
+"""Writing files so that a failure never leaves a half-written one, and reading JSON with errors that name
+the file. The one home of these chores: every writer in the package and the tools uses them.
+
+    write_atomic(path, write)         write(tmp) next to `path`, then os.replace(tmp, path): readers see the
+                                      old file or the new one, never a part of it
+    write_json_atomic(path, data)     the same for JSON text
+    write_safetensors_atomic(path, tensors)
+    atomic_folder(target, overwrite)  a temp folder next to `target` that becomes `target` when the block ends
+                                      without an error (and is removed otherwise)
+    read_json(path, error)            a dict from a JSON file, or `error("<path>: what is wrong")`
+
+Temporary names start with "." and contain ".tmp-<pid>", so `remove_stale_temporaries` can clean up what a
+killed process left behind (only entries whose process no longer runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Optional, Type
+
+TMP_MARK = ".tmp-"
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode a plain open() would give a new file under the current umask (e.g. 0o644)."""
+    return 0o666 & ~_umask()
+
+
+def write_atomic(path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_path), then rename tmp_path to `path` (an existing file is replaced in one step).
+    The file gets the umask's default mode, whatever `write` created it with."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path, data) -> Path:
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_safetensors_atomic(path, tensors: Dict, metadata: Optional[dict] = None) -> Path:
+    from safetensors.torch import save_file
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata or {"format": "pt"}))
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the finished folder and its files the modes a plain
+    mkdir / open would have given them under the current umask."""
+    folder.chmod(0o777 & ~_umask())
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(default_file_mode())
+
+
+
+@contextmanager
+def atomic_folder(target, overwrite: bool = False, error: Type[Exception] = FileExistsError):
+    """Yield a fresh temp folder next to `target`; when the block ends without an error it becomes `target`
+    (replacing an existing one only when `overwrite`), otherwise it is removed. An existing `target` without
+    `overwrite` raises `error` before anything is written."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise error(f"{target}: output folder already exists; choose a new path or remove it (or pass --overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
+    try:
+        yield tmp
+        _default_permissions(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-old-", dir=target.parent))
+            os.replace(target, old / "previous")
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path, error: Type[Exception] = ValueError, what: str = "a JSON object"):
+    """The parsed JSON object of `path`; `error` with a one-line message naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))     # -sig: a byte-order mark is accepted
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {what}, got a JSON {type(data).__name__}")
+    return data
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Remove the temporaries (".<name>.tmp-<pid>...") in `folder` left by processes that no longer run.
+    Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        name = entry.name
+        if not name.startswith(".") or TMP_MARK not in name:
+            continue
+        digits = name.split(TMP_MARK, 1)[1].split("-", 1)[0].split(".", 1)[0]
+        if not digits.isdigit() or _pid_running(int(digits)):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
