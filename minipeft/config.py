@@ -28,12 +28,12 @@ class ConfigError(ValueError):
 
 
 # The decoder families; `build_model` (families.py) maps each to its class.
-FAMILIES = ("llama",)
+FAMILIES = ("llama", "bloom")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"                # which decoder: "llama" (model.py); see FAMILIES
+    family: str = "llama"                # which decoder: "llama" (model.py), "bloom" (bloom.py); see FAMILIES
     dim: int = 4096                      # model width d
     n_layers: int = 32
     n_heads: int = 32
@@ -41,7 +41,7 @@ class ModelConfig:
     vocab_size: int = 32000
     multiple_of: int = 256               # Meta's rounding for the FFN hidden size
     ffn_dim_multiplier: Optional[float] = None
-    ffn_hidden_dim: Optional[int] = None  # filled from Meta's rule when None
+    ffn_hidden_dim: Optional[int] = None  # filled from Meta's rule when None (BLOOM: 4 * dim)
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -55,10 +55,12 @@ class ModelConfig:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.head_dim % 2 != 0:
+        if self.family == "llama" and self.head_dim % 2 != 0:
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.vocab_size <= 0:
             raise ConfigError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.ffn_hidden_dim is None and self.family == "bloom":
+            self.ffn_hidden_dim = 4 * self.dim
         if self.ffn_hidden_dim is None:
             self.ffn_hidden_dim = meta_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
@@ -195,6 +197,10 @@ PRESETS = {
     "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
     # Chinese-LLaMA-7B: the 7B body with the vocabulary extended by Chinese pieces to 49953.
     "chinese-llama-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=49953, multiple_of=256, norm_eps=1e-6),
+    # BigScience bloom-7b1 (its config.json): ALiBi, LayerNorm, GELU MLP of 4d, tied output; 7,069,016,064
+    # parameters. multiple_of / rope_theta do not apply to BLOOM.
+    "bloom-7b1": dict(family="bloom", dim=4096, n_layers=30, n_heads=32, vocab_size=250880,
+                      ffn_hidden_dim=16384, norm_eps=1e-5, max_seq_len=2048),
     # The small model the package ships (minipeft/assets/tiny-llama) and the tests build at random.
     "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=4096, multiple_of=32,
                  norm_eps=1e-5, max_seq_len=512),

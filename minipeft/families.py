@@ -17,10 +17,12 @@ from typing import Dict, Tuple
 import torch.nn as nn
 
 from .config import ModelConfig
+from .bloom import Bloom
 from .model import Transformer
 
 FAMILY_CLASSES: Dict[str, type] = {
     "llama": Transformer,
+    "bloom": Bloom,
 }
 
 

@@ -13,6 +13,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, expected_shapes,
                     iter_weight_files, read_json, tokenizer_vocab_size, torch_load, weight_files)
+from .hf_bloom import bloom_config_from_hf, hf_bloom_tensor_to_ours
 from .hf_llama import hf_tensor_to_ours
 
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -109,6 +110,7 @@ class HFFamily:
 # hf_llama.py).
 HF_MODEL_TYPES: Dict[str, HFFamily] = {
     "llama": HFFamily(ModelConfig.from_hf_config, _llama_tensor_to_ours, "a LLaMA parameter"),
+    "bloom": HFFamily(bloom_config_from_hf, hf_bloom_tensor_to_ours, "a BLOOM parameter"),
 }
 
 
