@@ -51,6 +51,8 @@ class ModelConfig:
             raise ConfigError(f"family {self.family!r}: expected one of {', '.join(FAMILIES)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.family == "bloom" and self.n_kv_heads != self.n_heads:
+            raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must equal n_heads ({self.n_heads}) for BLOOM")
         if self.dim % self.n_heads != 0:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:

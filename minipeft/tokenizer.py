@@ -13,6 +13,10 @@ LLaMA's tokenizer is a SentencePiece BPE model. A few words:
 
 Ids are those of `SentencePieceProcessor.encode(text)`, with `bos_id` put in front and `eos_id` behind
 when asked.
+
+`Tokenizer(path)` picks the kind from the file: a `.json` file is a byte-level BPE `tokenizer.json` (BLOOM;
+bpe_tokenizer.py, same methods), anything else a SentencePiece model. A checkpoint folder works too: its
+`tokenizer.model`, else its `tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -27,11 +31,31 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used, or ids / text it cannot handle; the message names the file."""
 
 
+TOKENIZER_FILE_NAMES = ("tokenizer.model", "tokenizer.json")   # what a checkpoint folder may carry
+
+
+def tokenizer_file(path) -> Path:
+    """A tokenizer file itself, or the tokenizer file inside a checkpoint folder (tokenizer.model first)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in TOKENIZER_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise TokenizerError(f"{path} is a directory with no {' or '.join(TOKENIZER_FILE_NAMES)}")
+    return path
+
+
 class Tokenizer:
+    def __new__(cls, model_path):
+        if cls is Tokenizer and tokenizer_file(model_path).suffix == ".json":
+            from .bpe_tokenizer import ByteLevelBPETokenizer
+            return super().__new__(ByteLevelBPETokenizer)
+        return super().__new__(cls)
+
     def __init__(self, model_path):
-        self.path = Path(model_path)
+        self.path = tokenizer_file(model_path)
         if not self.path.is_file():
-            what = "is a directory" if self.path.is_dir() else "does not exist"
+            what = "does not exist"
             raise TokenizerError(f"tokenizer model {self.path} {what}; expected a SentencePiece .model file")
         self.sp = spm.SentencePieceProcessor()
         try:

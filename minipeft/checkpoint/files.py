@@ -15,7 +15,9 @@ from ..fileio import read_json as _read_json_checked
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_NAME = "tokenizer.model"
+TOKENIZER_NAME = "tokenizer.model"          # SentencePiece (LLaMA)
+TOKENIZER_JSON_NAME = "tokenizer.json"      # byte-level BPE (BLOOM)
+TOKENIZER_NAMES = (TOKENIZER_NAME, TOKENIZER_JSON_NAME)   # a folder's tokenizer: the first one present
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3   # bytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -105,7 +107,14 @@ def torch_load(path: Path) -> dict:
 
 
 def tokenizer_vocab_size(path: Path) -> int:
-    """Number of pieces in a SentencePiece model file."""
+    """Number of pieces in a SentencePiece model file, or of ids in a tokenizer.json (with added tokens)."""
+    if Path(path).suffix == ".json":
+        from ..bpe_tokenizer import tokenizer_json_size
+        from ..tokenizer import TokenizerError
+        try:
+            return tokenizer_json_size(Path(path))
+        except TokenizerError as e:
+            raise CheckpointError(str(e)) from None
     import sentencepiece as spm
     processor = spm.SentencePieceProcessor()
     try:
@@ -113,6 +122,32 @@ def tokenizer_vocab_size(path: Path) -> int:
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable SentencePiece model: {e}") from None
     return processor.GetPieceSize()
+
+
+def folder_tokenizer(folder: Path) -> Optional[Path]:
+    """The tokenizer file a checkpoint folder carries (tokenizer.model, else tokenizer.json), or None."""
+    for name in TOKENIZER_NAMES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def tokenizer_file_name(path: Path) -> str:
+    """The name a tokenizer file gets in our folder: tokenizer.json for a .json file, else tokenizer.model."""
+    return TOKENIZER_JSON_NAME if Path(path).suffix == ".json" else TOKENIZER_NAME
+
+
+def check_tokenizer_fits(path: Path, vocab_size: int, where: str, allow_extra_model_rows: bool = False) -> None:
+    """A tokenizer must not produce ids the model has no row for. A SentencePiece model must match the
+    vocabulary exactly (unless allow_extra_model_rows); a tokenizer.json may be smaller than the model
+    (BLOOM: 250,680 tokens, 250,880 rows)."""
+    pieces = tokenizer_vocab_size(path)
+    if Path(path).suffix == ".json":
+        allow_extra_model_rows = True
+    fits = pieces <= vocab_size if allow_extra_model_rows else pieces == vocab_size
+    if not fits:
+        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but {where} gives the model a vocabulary "
+                              f"of {vocab_size}")
 
 
 def weight_files(folder: Path, single: str, index: str) -> Optional[List[Tuple[Path, Optional[List[str]]]]]:

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from ..fileio import atomic_folder
-from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, TOKENIZER_NAME, CheckpointError, TensorChecker,
-                    tokenizer_vocab_size)
+from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, CheckpointError, TensorChecker, check_tokenizer_fits,
+                    tokenizer_file_name)
 from .readers import open_checkpoint
 from .writer import ShardWriter, parse_size
 
@@ -21,7 +21,8 @@ from .writer import ShardWriter, parse_size
 def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], cfg: ModelConfig, folder,
                tokenizer_path=None, dtype: Optional[torch.dtype] = None,
                max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write our checkpoint folder (config.json + model.safetensors or shards [+ tokenizer.model]).
+    """Write our checkpoint folder (config.json + model.safetensors or shards [+ tokenizer.model, or
+    tokenizer.json for a .json tokenizer]).
     An existing folder is replaced only once the new one is completely written."""
     folder = Path(folder)
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
@@ -38,16 +39,14 @@ def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], c
         writer.finish()
         cfg.save(tmp / CONFIG_NAME)
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+            shutil.copyfile(tokenizer_path, tmp / tokenizer_file_name(Path(tokenizer_path)))
     return folder
 
 
 def _check_tokenizer_file(path: Path, cfg: ModelConfig) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer file not found")
-    pieces = tokenizer_vocab_size(path)
-    if pieces != cfg.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is {cfg.vocab_size}")
+    check_tokenizer_fits(path, cfg.vocab_size, "the given ModelConfig")
 
 
 def iter_checkpoint_tensors(folder, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -102,7 +101,7 @@ def convert_checkpoint(src, out, dtype: Optional[torch.dtype] = None,
         writer.finish()
         cfg.save(tmp / CONFIG_NAME)
         if reader.tokenizer_path is not None:
-            shutil.copyfile(reader.tokenizer_path, tmp / TOKENIZER_NAME)
+            shutil.copyfile(reader.tokenizer_path, tmp / tokenizer_file_name(reader.tokenizer_path))
     return {"format": reader.format, "num_parameters": writer.num_parameters,
             "dtype": ",".join(sorted(dtypes_seen)), "out": str(out), "config": cfg,
             "tokenizer": reader.tokenizer_path is not None}

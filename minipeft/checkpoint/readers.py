@@ -11,8 +11,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..config import ConfigError, ModelConfig
-from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, expected_shapes,
-                    iter_weight_files, read_json, tokenizer_vocab_size, torch_load, weight_files)
+from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, check_tokenizer_fits,
+                    expected_shapes, folder_tokenizer, iter_weight_files, read_json, tokenizer_vocab_size, torch_load,
+                    weight_files)
 from .hf_bloom import bloom_config_from_hf, hf_bloom_tensor_to_ours
 from .hf_llama import hf_tensor_to_ours
 
@@ -42,15 +43,10 @@ def detect_format(folder) -> str:
 
 
 def _check_tokenizer(folder: Path, cfg: ModelConfig, config_name: str, allow_extra_model_rows: bool = False) -> None:
-    """A tokenizer.model next to the weights must fit the model's vocabulary."""
-    tokenizer_path = folder / TOKENIZER_NAME
-    if not tokenizer_path.is_file():
-        return
-    pieces = tokenizer_vocab_size(tokenizer_path)
-    fits = pieces <= cfg.vocab_size if allow_extra_model_rows else pieces == cfg.vocab_size
-    if not fits:
-        raise CheckpointError(f"{tokenizer_path}: tokenizer has {pieces} pieces but {folder / config_name} "
-                              f"gives the model a vocabulary of {cfg.vocab_size}")
+    """A tokenizer.model (or tokenizer.json) next to the weights must fit the model's vocabulary."""
+    tokenizer_path = folder_tokenizer(folder)
+    if tokenizer_path is not None:
+        check_tokenizer_fits(tokenizer_path, cfg.vocab_size, str(folder / config_name), allow_extra_model_rows)
 
 
 class _Reader:
@@ -63,8 +59,7 @@ class _Reader:
 
     @property
     def tokenizer_path(self) -> Optional[Path]:
-        path = self.folder / TOKENIZER_NAME
-        return path if path.is_file() else None
+        return folder_tokenizer(self.folder)
 
     def config(self) -> ModelConfig:
         raise NotImplementedError
