@@ -1,10 +1,11 @@
-"""Convert a Meta (params.json + consolidated.NN.pth) or Hugging Face LLaMA folder into minipeft's folder format.
+"""Convert a Meta (params.json + consolidated.NN.pth) or Hugging Face LLaMA / BLOOM folder into minipeft's format.
 
     python tools/convert_checkpoint.py SRC OUT [--dtype float16|bfloat16|float32] [--max-shard-size 5GB]
 
 The format is detected from SRC's contents. Tensors are streamed one at a time (memory-mapped .pth,
 safetensors read tensor by tensor), so peak memory stays near one copy of the weights. OUT must not exist;
 it is written under a temporary name and renamed at the end, so a failed conversion leaves nothing behind.
+The folder's tokenizer (tokenizer.model, or BLOOM's tokenizer.json) is copied beside the weights.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoi
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="Meta or Hugging Face LLaMA checkpoint folder")
+    parser.add_argument("src", help="Meta, or Hugging Face LLaMA / BLOOM, checkpoint folder")
     parser.add_argument("out", help="output folder (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="convert floating-point weights to this dtype (default: keep the source's)")
@@ -34,11 +35,12 @@ def main(argv=None) -> int:
         return 1
     cfg = summary["config"]
     print(f"format detected : {summary['format']}")
+    print(f"family          : {cfg.family}")
     print(f"model           : dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads "
           f"({cfg.n_kv_heads} kv), ffn {cfg.ffn_hidden_dim}, vocab {cfg.vocab_size}")
     print(f"parameters      : {summary['num_parameters']:,}")
     print(f"dtype           : {summary['dtype']}")
-    print(f"tokenizer.model : {'copied' if summary['tokenizer'] else 'none in source'}")
+    print(f"tokenizer       : {summary['tokenizer'] or 'none in source'}")
     print(f"written to      : {summary['out']}")
     return 0
 

@@ -104,4 +104,4 @@ def convert_checkpoint(src, out, dtype: Optional[torch.dtype] = None,
             shutil.copyfile(reader.tokenizer_path, tmp / tokenizer_file_name(reader.tokenizer_path))
     return {"format": reader.format, "num_parameters": writer.num_parameters,
             "dtype": ",".join(sorted(dtypes_seen)), "out": str(out), "config": cfg,
-            "tokenizer": reader.tokenizer_path is not None}
+            "tokenizer": tokenizer_file_name(reader.tokenizer_path) if reader.tokenizer_path is not None else None}
