@@ -10,14 +10,20 @@ ZeRO on N GPUs: stage 1 divides the 12 Psi_t by N, stage 2 also the 2 Psi_t, sta
 CPU offload moves gradients + optimizer (14 Psi_t) and, at stage 3, the weights (2 Psi) to the CPU.
 Activations per token per decoder block (16-bit, fused attention), d = dim, f = FFN width, H = heads:
     trainable block 26 d + 8 f + 4 H + 8,   frozen block that gradients pass through 16 d + 6 f + 4 H + 8.
+    (derived for the LLaMA block; BLOOM's LayerNorm/GELU block is not covered by these two)
+
+Parameters Psi by family (V vocab, L layers, d, f, H heads, kv = G * hd), `parameter_count`:
+    llama  V d (embedding) + V d (output) + L (2 d H hd + 2 d kv + 3 d f + 2 d) + d
+    bloom  V d (embedding, also the tied output) + 2 d (embedding LayerNorm)
+           + L (3 d^2 + 3 d + d^2 + d + 2 d f + f + d + 4 d) + 2 d
+    bloom-7b1: 1,027,604,480 + 8,192 + 30 x 201,379,840 + 8,192 = 7,069,016,064, the vocabulary (250,880 x
+    4096) 14.5 % of all weights; and its logits, V numbers per token, are 61x wider than the hidden state.
 """
 
 from __future__ import annotations
 
-import torch
 
 from .config import ModelConfig
-from .model import Transformer
 
 WEIGHT_16 = 2    # bytes: the bf16/fp16 copy of every parameter, used in forward and backward
 GRAD_16 = 2      # bytes: the 16-bit gradient of a trainable parameter
@@ -99,20 +105,56 @@ def deepspeed_cold_estimate(total_params: int, largest_layer_params: int, gpus_p
     raise ValueError("DeepSpeed's estimators cover stages 2 and 3")
 
 
+def parameter_count(cfg: ModelConfig) -> dict:
+    """Psi from the formulas above, by part: {"embedding", "output", "blocks", "norms", "total"} (the
+    embedding LayerNorm and the final norm are in "norms"; BLOOM's tied output counts 0)."""
+    d, f, V, L, H, hd, kv = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.kv_dim
+    if cfg.family == "llama":
+        parts = {"embedding": V * d, "output": V * d, "norms": d,
+                 "blocks": L * (2 * d * H * hd + 2 * d * kv + 3 * d * f + 2 * d)}
+    elif cfg.family == "bloom":
+        attention = (3 * d * d + 3 * d) + (d * d + d)                 # wqkv, wo (with biases)
+        feed_forward = (d * f + f) + (f * d + d)                      # w1, w2 (with biases)
+        parts = {"embedding": V * d, "output": 0, "norms": 2 * d + 2 * d,
+                 "blocks": L * (attention + feed_forward + 2 * 2 * d)}    # two LayerNorms of 2 d per block
+    else:
+        raise ValueError(f"parameter_count has no formula for family {cfg.family!r}")
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def vocabulary_share(cfg: ModelConfig) -> float:
+    """The fraction of all parameters that are vocabulary rows (embedding + an untied output layer)."""
+    parts = parameter_count(cfg)
+    return (parts["embedding"] + parts["output"]) / parts["total"]
+
+
+def logits_bytes_per_token(cfg: ModelConfig) -> int:
+    """The output layer's activations per token that the loss sees: 16-bit logits (2 V) and the float32 copy
+    the cross-entropy works on (4 V). For bloom-7b1 6 x 250,880 = 1.5 MB per token, against 8 KB for one
+    16-bit hidden state: why loss.py computes the logits only where a label counts, in chunks."""
+    return 6 * cfg.vocab_size
+
+
+# the Linear modules LoRA may target, per family: name -> (d_in, d_out)
+def lora_target_shapes(cfg: ModelConfig) -> dict:
+    d, f, kv, q = cfg.dim, cfg.ffn_hidden_dim, cfg.kv_dim, cfg.n_heads * cfg.head_dim
+    if cfg.family == "bloom":
+        return {"wqkv": (d, 3 * d), "wo": (d, d), "w1": (d, f), "w2": (f, d)}
+    return {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, f), "w2": (f, d), "w3": (d, f)}
+
+
 def closed_form_trainable(cfg: ModelConfig, method: str, **hyper) -> int:
-    """Trainable parameters of each PEFT method, from the formulas of lessons 02-06 (no biases in the base).
+    """Trainable parameters of each PEFT method, from the formulas of lessons 02-06 (LoRA adds no biases).
 
     lora: n_layers * sum over targets of rank * (d_in + d_out); prompt: P * d; prefix: L * 2 * P * kv_dim
     directly, or with the MLP P*d + (d*h + h) + (h*L*2*kv_dim + L*2*kv_dim); adapter: 2 per layer of
-    (2 d m + d + m); llama_adapter: L_top * (K * d + H); full: everything."""
+    (2 d m + d + m); llama_adapter: L_top * (K * d + H); full: everything (parameter_count)."""
     d, L, kv = cfg.dim, cfg.n_layers, cfg.kv_dim
     if method == "full":
-        with torch.device("meta"):
-            return Transformer(cfg).num_parameters()
+        return parameter_count(cfg)["total"]
     if method == "lora":
-        shapes = {"wq": (d, cfg.n_heads * cfg.head_dim), "wk": (d, kv), "wv": (d, kv),
-                  "wo": (cfg.n_heads * cfg.head_dim, d), "w1": (d, cfg.ffn_hidden_dim),
-                  "w2": (cfg.ffn_hidden_dim, d), "w3": (d, cfg.ffn_hidden_dim)}
+        shapes = lora_target_shapes(cfg)
         return L * sum(hyper["rank"] * (shapes[t][0] + shapes[t][1]) for t in hyper["targets"])
     if method == "prompt":
         return hyper["prompt_len"] * d

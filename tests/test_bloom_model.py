@@ -141,3 +141,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*grads))
     assert math.isclose(cfg.ffn_hidden_dim, 4 * 32)
+
+
+@pytest.mark.parametrize("name", ["bloom-7b1", "llama-7b", "chinese-llama-7b", "tiny"])
+def test_parameter_formula_equals_the_model(name):
+    from minipeft.memory import closed_form_trainable, parameter_count, vocabulary_share
+    cfg = ModelConfig.from_name(name)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    parts = parameter_count(cfg)
+    assert parts["total"] == model.num_parameters() == closed_form_trainable(cfg, "full")
+    assert parts["embedding"] == model.tok_embeddings.weight.numel()
+    if name == "bloom-7b1":
+        assert parts["output"] == 0 and parts["embedding"] == 250_880 * 4096
+        assert abs(vocabulary_share(cfg) - 1_027_604_480 / 7_069_016_064) < 1e-15
+        assert round(vocabulary_share(cfg), 3) == 0.145
