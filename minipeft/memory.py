@@ -22,7 +22,6 @@ Parameters Psi by family (V vocab, L layers, d, f, H heads, kv = G * hd), `param
 
 from __future__ import annotations
 
-
 from .config import ModelConfig
 
 WEIGHT_16 = 2    # bytes: the bf16/fp16 copy of every parameter, used in forward and backward
