@@ -41,3 +41,26 @@ def train_tiny_bpe(folder, vocab_size=300) -> Path:
     path = Path(folder) / "tokenizer.json"
     tokenizer.save(str(path))
     return path
+
+
+def tiny_bloom_pair(hidden=48, heads=6, layers=2, vocab=120, seed=0):
+    """-> (transformers BloomForCausalLM, our Bloom with the same weights), both float32 in eval mode."""
+    from minipeft.checkpoint.hf_bloom import bloom_config_from_hf, hf_bloom_tensor_to_ours
+    from minipeft.families import build_model
+    hf = make_hf_bloom(hidden=hidden, heads=heads, layers=layers, vocab=vocab, seed=seed)
+    cfg = bloom_config_from_hf(hf.config.to_dict())
+    ours = build_model(cfg).eval()
+    state = dict(kv for kv in (hf_bloom_tensor_to_ours(k, v, cfg) for k, v in hf.state_dict().items()) if kv)
+    ours.load_state_dict(state, strict=True)
+    return hf, ours
+
+
+def left_padded(vocab=120, seed=1):
+    """tokens (3, 9) and their attention mask: row 0 full, rows 1 and 2 left-padded by 3 and 6 (pad id 3)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, vocab, (3, 9), generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    tokens[mask == 0] = 3
+    return tokens, mask
