@@ -31,16 +31,7 @@ def make_hf_bloom(hidden=48, heads=6, layers=2, vocab=120, seed=0, **config):
 
 def train_tiny_bpe(folder, vocab_size=300) -> Path:
     """A byte-level BPE tokenizer.json (ByteLevel pre-tokenizer and decoder, like BLOOM's), trained here."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(BPE_TEXTS, trainer)
-    path = Path(folder) / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return _train_bpe_on(folder, BPE_TEXTS, vocab_size)
 
 
 def tiny_bloom_pair(hidden=48, heads=6, layers=2, vocab=120, seed=0):
@@ -64,3 +55,44 @@ def left_padded(vocab=120, seed=1):
     mask[2, :6] = 0
     tokens[mask == 0] = 3
     return tokens, mask
+
+
+def make_bloom_workspace(folder, seed=1234) -> dict:
+    """A tiny random BLOOM saved as our checkpoint folder with a byte-level BPE tokenizer.json trained on the
+    training records, plus train.json / val.json (train_helpers' learnable "say A then B" records)."""
+    import json
+    from minipeft.checkpoint import save_model
+    from minipeft.config import ModelConfig
+    from minipeft.families import build_model
+    from minipeft.tokenizer import Tokenizer
+    from train_helpers import INIT_STD, make_records
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = make_records(24) + make_records(8, offset=100)
+    texts = [f"{r['instruction']} {r['input']} {r['output']}" for r in records] + BPE_TEXTS
+    tokenizer_path = _train_bpe_on(folder, texts + ["Below is an instruction that describes a task. Write a "
+                                                    "response that appropriately completes the request. "
+                                                    "### Instruction: ### Input: ### Response:"] * 5)
+    cfg = ModelConfig(family="bloom", dim=32, n_layers=2, n_heads=4, vocab_size=Tokenizer(tokenizer_path).vocab_size,
+                      norm_eps=1e-5, max_seq_len=128)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.init_weights(std=INIT_STD)
+    save_model(model, cfg, folder / "model", tokenizer_path=tokenizer_path)
+    (folder / "train.json").write_text(json.dumps(make_records(24)))
+    (folder / "val.json").write_text(json.dumps(make_records(8, offset=100)))
+    return {"tokenizer": str(tokenizer_path), "model": str(folder / "model"), "train": str(folder / "train.json"),
+            "val": str(folder / "val.json")}
+
+
+def _train_bpe_on(folder, texts, vocab_size=400) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    path = Path(folder) / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
