@@ -131,7 +131,8 @@ class Attention(nn.Module):
         scores = (q / (math.sqrt(self.head_dim) * c)) @ k.transpose(-1, -2)        # (B, H, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, MASKED_SCORE)
-        probs = (scores.float() * c).softmax(dim=-1).to(v.dtype)                   # softmax in float32
+        at_least_fp32 = torch.promote_types(scores.dtype, torch.float32)
+        probs = (scores.to(at_least_fp32) * c).softmax(dim=-1).to(v.dtype)         # softmax in (at least) float32
         return probs @ v                                                           # (B, H, T, hd)
 
     def forward(self, x, cos, sin, mask, past_kv=None):
