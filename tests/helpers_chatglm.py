@@ -106,3 +106,31 @@ def reference_logits(state, config, ids, prefix_kv=None):
         h = alpha * x + gelu @ s[p + "mlp.dense_4h_to_h.weight"].T + s[p + "mlp.dense_4h_to_h.bias"]
     h = _layer_norm(h, s["transformer.final_layernorm.weight"], s["transformer.final_layernorm.bias"])
     return h @ s["transformer.word_embeddings.weight"].T
+
+
+def train_chatglm_sentencepiece(out_dir, version: int = 1, with_specials: bool = True) -> str:
+    """A tiny SentencePiece model set up like ChatGLM-6B's ice_text.model (version 1: the special tokens, <n>,
+    <|tab|> and <|blank_k|> as pieces; with_specials=False leaves them out) or ChatGLM2-6B's tokenizer.model
+    (version 2: plain BPE with byte fallback, unk 0, bos 1, eos 2). Returns its path."""
+    import os
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from helpers_tokenizer import TRAINING_LINES
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = out_dir / f"chatglm_v{version}_sp"
+    symbols = []
+    if version == 1 and with_specials:
+        symbols = (["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>", "<pad>",
+                    "<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)])
+    lines = [line.replace("\n", "<n>") for line in TRAINING_LINES] + ["问：你好<n>答：我很好"] * 5
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=500,
+        hard_vocab_limit=False, character_coverage=0.98, byte_fallback=True, split_digits=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=symbols,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        num_threads=1, minloglevel=2)
+    os.remove(f"{prefix}.vocab")
+    return f"{prefix}.model"
