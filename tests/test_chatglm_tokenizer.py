@@ -59,3 +59,35 @@ def test_chatglm2_special_ids_follow_the_pieces(tmp_path):
 def test_unknown_family():
     with pytest.raises(TokenizerError, match="family 'gpt'"):
         tokenizer_for("gpt", "x.model")
+
+
+# ---- the data pipeline renders records into each family's format -----------------------------------------------
+from minipeft.data import IGNORE_INDEX, AlpacaEncoder, Record  # noqa: E402
+
+RECORD = Record(instruction="the cat sat on the mat and the dog sat on the log.", input="你好", output="答案是 42。")
+
+
+def test_chatglm_records_render_round_0_with_gmask_sop_and_eop(v1_path):
+    tok = tokenizer_for("chatglm", v1_path)
+    example = AlpacaEncoder(tok, max_seq_len=512).encode(RECORD)
+    prompt = tok.encode(f"[Round 0]\n问：{RECORD.instruction}\n你好\n答：", bos=False) + [tok.gmask_id, tok.sop_id]
+    response = tok.encode(RECORD.output, bos=False) + [tok.eop_id]
+    assert example.input_ids == prompt + response
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + response
+    # truncation cuts the prompt's start and keeps its end: the marker "答：" and [gMASK] <sop>
+    short = AlpacaEncoder(tok, max_seq_len=len(response) + 6).encode(RECORD)
+    assert len(short.input_ids) == len(response) + 6
+    assert short.input_ids[short.prompt_len - 2:short.prompt_len] == [tok.gmask_id, tok.sop_id]
+    assert short.input_ids[short.prompt_len:] == response
+
+
+def test_chatglm2_records_render_round_1_with_marks_in_front(tmp_path):
+    tok = tokenizer_for("chatglm2", train_chatglm_sentencepiece(tmp_path, version=2))
+    record = Record(instruction="write a short answer in one line.", output="the answer is the sum.")
+    example = AlpacaEncoder(tok, max_seq_len=512).encode(record)
+    prompt = [tok.gmask_id, tok.sop_id] + tok.encode(f"[Round 1]\n\n问：{record.instruction}\n\n答：", bos=False)
+    response = tok.encode(record.output, bos=False) + [tok.eos_id]
+    assert example.input_ids == prompt + response and example.prompt_len == len(prompt)
+    assert example.labels == [IGNORE_INDEX] * len(prompt) + response
+    short = AlpacaEncoder(tok, max_seq_len=len(response) + 6).encode(record)
+    assert short.input_ids[:2] == [tok.gmask_id, tok.sop_id] and short.input_ids[short.prompt_len:] == response
