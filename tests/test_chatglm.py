@@ -115,3 +115,41 @@ def test_forward_refuses_ambiguous_positions(converted):
         model(torch.tensor([[EOP]]), past_key_values=cache)
     with pytest.raises(ValueError, match=r"\(1, 2, 1\)"):
         model(torch.tensor([[EOP]]), past_key_values=cache, position_ids=torch.tensor([[4]]))
+
+
+def test_folder_with_ice_text_converts_and_generates_through_the_tool(tmp_path, capsys):
+    """A ChatGLM-6B folder with its ice_text.model: converted (the tokenizer comes along as tokenizer.model),
+    then tools/generate.py --alpaca renders the ChatGLM prompt and stops at <eop>."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import sentencepiece as spm
+    from helpers_chatglm import train_chatglm_sentencepiece
+    from minipeft.data import PROMPT_FORMATS
+    from minipeft.tokenizer import tokenizer_for
+
+    sp_path = train_chatglm_sentencepiece(tmp_path / "sp", version=1)
+    sp = spm.SentencePieceProcessor(model_file=sp_path)
+    ids = {p: sp.piece_to_id(p) for p in ("[MASK]", "[gMASK]", "<sop>", "<eop>")}
+    folder, config, _ = chatglm_v1_folder(tmp_path, vocab_size=sp.vocab_size() + 8)
+    config.update(mask_token_id=ids["[MASK]"], gmask_token_id=ids["[gMASK]"], bos_token_id=ids["<sop>"],
+                  eos_token_id=ids["<eop>"])
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copyfile(sp_path, folder / "ice_text.model")
+    summary = convert_checkpoint(folder, tmp_path / "ours")
+    assert summary["tokenizer"] and (tmp_path / "ours" / "tokenizer.model").is_file()
+
+    model = load_model(tmp_path / "ours")
+    tok = tokenizer_for("chatglm", tmp_path / "ours" / "tokenizer.model")
+    prompt = tok.encode(PROMPT_FORMATS["chatglm"].render("你好"), bos=True)
+    assert prompt[-2:] == [ids["[gMASK]"], ids["<sop>"]]
+    want = tok.decode(generate(model, [prompt], max_new_tokens=5, eos_id=tok.eos_id)[0])
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_tool", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main([str(tmp_path / "ours"), "--prompt", "你好", "--alpaca", "--max-new-tokens", "5",
+                        "--device", "cpu"]) == 0
+    assert want in capsys.readouterr().out
