@@ -17,10 +17,13 @@ from typing import Dict, Tuple
 import torch.nn as nn
 
 from .config import ModelConfig
+from .chatglm import ChatGLM
 from .model import Transformer
 
 FAMILY_CLASSES: Dict[str, type] = {
     "llama": Transformer,
+    "chatglm2": Transformer,     # model.py with cfg.qkv_bias and cfg.rotary_fraction 0.5
+    "chatglm": ChatGLM,
 }
 
 

@@ -13,6 +13,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, expected_shapes,
                     iter_weight_files, read_json, tokenizer_vocab_size, torch_load, weight_files)
+from .hf_chatglm import chatglm_config, chatglm_tensor_to_ours, chatglm_tokenizer_file
 from .hf_llama import hf_tensor_to_ours
 
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -40,9 +41,10 @@ def detect_format(folder) -> str:
         f"(config.json with model_type 'llama' + model.safetensors or pytorch_model.bin)")
 
 
-def _check_tokenizer(folder: Path, cfg: ModelConfig, config_name: str, allow_extra_model_rows: bool = False) -> None:
+def _check_tokenizer(folder: Path, cfg: ModelConfig, config_name: str, allow_extra_model_rows: bool = False,
+                     tokenizer_path: Optional[Path] = None) -> None:
     """A tokenizer.model next to the weights must fit the model's vocabulary."""
-    tokenizer_path = folder / TOKENIZER_NAME
+    tokenizer_path = tokenizer_path or folder / TOKENIZER_NAME
     if not tokenizer_path.is_file():
         return
     pieces = tokenizer_vocab_size(tokenizer_path)
@@ -80,7 +82,8 @@ class _OursReader(_Reader):
             cfg = ModelConfig.load(self.folder / CONFIG_NAME)
         except (ConfigError, TypeError) as e:
             raise CheckpointError(str(e)) from None
-        _check_tokenizer(self.folder, cfg, CONFIG_NAME)
+        # ChatGLM's embeddings have more rows than its SentencePiece model has pieces (padding, appended specials)
+        _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=cfg.family != "llama")
         return cfg
 
     def tensors(self, cfg):
@@ -100,15 +103,20 @@ def _llama_tensor_to_ours(hf_key: str, tensor: torch.Tensor, cfg: ModelConfig):
 class HFFamily:
     """How to read the folders of one transformers `model_type`."""
     config: Callable[[Path], ModelConfig]           # config.json path -> our ModelConfig (ConfigError if unfit)
-    tensor_to_ours: Callable                        # (hf_key, tensor, cfg) -> (our_key, tensor), None to skip;
-                                                    # KeyError for a key that is not one of the family's
+    tensor_to_ours: Callable                        # (hf_key, tensor, cfg) -> (our_key, tensor) or a list of them
+                                                    # (a fused tensor split), None to skip; KeyError for a key that
+                                                    # is not one of the family's
     what: str                                       # for messages: "a LLaMA parameter"
+    tokenizer_file: Callable[[Path], Optional[Path]] = lambda folder: (
+        folder / TOKENIZER_NAME if (folder / TOKENIZER_NAME).is_file() else None)
 
 
 # transformers model_type -> how to read it. A new family adds one entry here (and its name table beside
 # hf_llama.py).
 HF_MODEL_TYPES: Dict[str, HFFamily] = {
     "llama": HFFamily(ModelConfig.from_hf_config, _llama_tensor_to_ours, "a LLaMA parameter"),
+    "chatglm": HFFamily(chatglm_config, chatglm_tensor_to_ours, "a ChatGLM-6B / ChatGLM2-6B parameter",
+                        chatglm_tokenizer_file),
 }
 
 
@@ -123,6 +131,10 @@ class _HFReader(_Reader):
                                   f"{sorted(HF_MODEL_TYPES)}")
         return HF_MODEL_TYPES[model_type]
 
+    @property
+    def tokenizer_path(self) -> Optional[Path]:
+        return self.family.tokenizer_file(self.folder)
+
     def config(self) -> ModelConfig:
         try:
             cfg = self.family.config(self.folder / CONFIG_NAME)
@@ -130,7 +142,9 @@ class _HFReader(_Reader):
             raise CheckpointError(str(e)) from None
         # transformers folders may give the model more rows than tokenizer.model has pieces (added tokens
         # such as a pad token live in tokenizer.json), so only a tokenizer larger than the model is wrong.
-        _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=True)
+        if self.tokenizer_path is not None:
+            _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=True,
+                             tokenizer_path=self.tokenizer_path)
         return cfg
 
     def tensors(self, cfg):
@@ -145,8 +159,10 @@ class _HFReader(_Reader):
                 converted = family.tensor_to_ours(hf_key, tensor, cfg)
             except KeyError:
                 raise CheckpointError(f"{source}: unexpected key {hf_key!r} (not {family.what})") from None
-            if converted is not None:
-                yield converted[0], converted[1], source
+            if converted is None:
+                continue
+            for key, our_tensor in (converted if isinstance(converted, list) else [converted]):
+                yield key, our_tensor, source
 
 
 # Which dimension Meta's model-parallel shards split each weight on (None: replicated on every shard).
