@@ -45,6 +45,8 @@ def tokenizer_json_size(path: Path) -> int:
 class ByteLevelBPETokenizer(Tokenizer):
     """`Tokenizer(path)` returns one of these when path is a .json file. Same methods as Tokenizer."""
 
+    family = "bloom"      # data.py's prompt format (Alpaca, as for LLaMA)
+
     def __init__(self, model_path):
         self.path = tokenizer_file(model_path)
         if not self.path.is_file():

@@ -28,12 +28,13 @@ class ConfigError(ValueError):
 
 
 # The decoder families; `build_model` (families.py) maps each to its class.
-FAMILIES = ("llama", "bloom")
+FAMILIES = ("llama", "chatglm2", "chatglm", "bloom")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"                # which decoder: "llama" (model.py), "bloom" (bloom.py); see FAMILIES
+    family: str = "llama"                # which decoder: "llama" / "chatglm2" (model.py), "chatglm" (chatglm.py),
+                                         # "bloom" (bloom.py); see FAMILIES
     dim: int = 4096                      # model width d
     n_layers: int = 32
     n_heads: int = 32
@@ -45,6 +46,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    qkv_bias: bool = False               # biases on wq/wk/wv (ChatGLM2; ChatGLM-6B's fused wqkv always has one)
+    rotary_fraction: float = 1.0         # RoPE on the first rotary_fraction * head_dim dims of each head (ChatGLM2: 0.5)
+    mask_id: Optional[int] = None        # ChatGLM-6B's [MASK], [gMASK] and <sop> ids: the model derives its 2D
+    gmask_id: Optional[int] = None       #   positions and prefix-LM mask from them (chatglm.py)
+    sop_id: Optional[int] = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -57,8 +63,11 @@ class ModelConfig:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.family == "llama" and self.head_dim % 2 != 0:
+        if self.family != "bloom" and self.head_dim % 2 != 0:       # BLOOM has no rotary embedding
             raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.family != "bloom" and (self.rotary_fraction not in (0.5, 1.0) or self.rotary_dim % 2 != 0):
+            raise ConfigError(f"rotary_fraction {self.rotary_fraction}: expected 1.0 (LLaMA) or 0.5 (ChatGLM2), "
+                              f"with an even number of rotated dims (head_dim {self.head_dim})")
         if self.vocab_size <= 0:
             raise ConfigError(f"vocab_size must be positive, got {self.vocab_size}")
         if self.ffn_hidden_dim is None and self.family == "bloom":
@@ -69,6 +78,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each query/key head RoPE rotates (the rest pass unrotated)."""
+        return int(self.head_dim * self.rotary_fraction)
 
     @property
     def kv_dim(self) -> int:
@@ -204,6 +218,12 @@ PRESETS = {
     "bloom-7b1": dict(family="bloom", dim=4096, n_layers=30, n_heads=32, vocab_size=250880,
                       ffn_hidden_dim=16384, norm_eps=1e-5, max_seq_len=2048),
     # The small model the package ships (minipeft/assets/tiny-llama) and the tests build at random.
+    # ChatGLM2-6B (THUDM/chatglm2-6b config.json): multi-query attention with 2 groups, QKV bias, half rotary.
+    "chatglm2-6b": dict(family="chatglm2", dim=4096, n_layers=28, n_heads=32, n_kv_heads=2, vocab_size=65024,
+                        ffn_hidden_dim=13696, norm_eps=1e-5, qkv_bias=True, rotary_fraction=0.5, max_seq_len=32768),
+    # ChatGLM-6B (THUDM/chatglm-6b config.json): 2D rotary, prefix-LM mask, GLM residuals, tied output.
+    "chatglm-6b": dict(family="chatglm", dim=4096, n_layers=28, n_heads=32, vocab_size=130528, ffn_hidden_dim=16384,
+                       norm_eps=1e-5, qkv_bias=True, mask_id=130000, gmask_id=130001, sop_id=130004),
     "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=3, vocab_size=4096, multiple_of=32,
                  norm_eps=1e-5, max_seq_len=512),
 }

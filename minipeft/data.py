@@ -11,7 +11,14 @@ Template (Stanford Alpaca), with input:
 
 and without input the ", paired with ..." clause and the "### Input" section are left out.
 
-One example (T = P + R tokens):
+Each family renders records into its own chat format (`PROMPT_FORMATS`, chosen by `tokenizer.family`):
+
+    llama     the Alpaca template above, [BOS] in front, the response ends with EOS
+    chatglm   "[Round 0]\n问：{instruction}\n答：" (an input goes on its own line after the instruction), then
+              [gMASK] <sop>; the response ends with <eop> (ChatGLM-6B's tokenizer puts the marks there)
+    chatglm2  "[Round 1]\n\n问：{instruction}\n\n答：", with [gMASK] sop in *front*; the response ends with </s>
+
+One example (T = P + R tokens; for LLaMA, the ChatGLMs put their marks where the tokenizer says):
 
     prompt_ids   = [BOS] + sp(prompt text)                       P tokens
     response_ids = sp(output) + [EOS]                            R tokens
@@ -23,8 +30,9 @@ training are exactly the ids `generate` produces after the same prompt. Labels a
 input_ids; the loss shifts them: logits[:, t] predicts labels[:, t + 1] (see minipeft/loss.py).
 
 Truncation to max_seq_len (T > max_seq_len) never silently drops the whole response:
-  1. the prompt is cut first, keeping BOS and the prompt's *end* (the "### Response:" marker and the
-     instruction/input text nearest to it), down to a minimum of BOS + the marker's tokens;
+  1. the prompt is cut first, keeping its leading marks (BOS; ChatGLM2's [gMASK] sop) and the prompt's *end*
+     (the "### Response:" / "答：" marker, any trailing marks such as ChatGLM-6B's [gMASK] <sop>, and the
+     instruction/input text nearest to them), down to a minimum of the marks + the marker's tokens;
   2. only if the response still does not fit is the response cut, keeping its *beginning* (its EOS
      is then lost);
   3. if not even one response token fits beside the minimal prompt, the record is dropped.
@@ -61,6 +69,28 @@ RESPONSE_MARKER = "### Response:\n"
 
 class DataError(ValueError):
     """A data file or record that cannot be used; the message names the file, record index and field."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """One family's chat format: the prompt text with and without an input, and the marker it ends with."""
+    with_input: str
+    no_input: str
+    response_marker: str
+
+    def render(self, instruction: str, input: str = "") -> str:
+        if input:
+            return self.with_input.format(instruction=instruction, input=input)
+        return self.no_input.format(instruction=instruction)
+
+
+PROMPT_FORMATS: Dict[str, PromptFormat] = {
+    "llama": PromptFormat(PROMPT_WITH_INPUT, PROMPT_NO_INPUT, RESPONSE_MARKER),
+    "bloom": PromptFormat(PROMPT_WITH_INPUT, PROMPT_NO_INPUT, RESPONSE_MARKER),     # Alpaca, as for LLaMA
+    "chatglm": PromptFormat("[Round 0]\n问：{instruction}\n{input}\n答：", "[Round 0]\n问：{instruction}\n答：", "答："),
+    "chatglm2": PromptFormat("[Round 1]\n\n问：{instruction}\n{input}\n\n答：", "[Round 1]\n\n问：{instruction}\n\n答：",
+                             "答："),
+}
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -194,21 +224,35 @@ class EncodeStats:
 class AlpacaEncoder:
     """Record -> Example with the template, masking and truncation rule of this module's docstring."""
 
-    def __init__(self, tokenizer, max_seq_len: int, *, train_on_prompt: bool = False):
+    def __init__(self, tokenizer, max_seq_len: int, *, train_on_prompt: bool = False,
+                 prompt_format: Optional[PromptFormat] = None):
         if max_seq_len < 2:
             raise DataError(f"max_seq_len must be at least 2, got {max_seq_len}")
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.train_on_prompt = train_on_prompt
+        family = getattr(tokenizer, "family", "llama")
+        if prompt_format is None and family not in PROMPT_FORMATS:
+            raise DataError(f"no prompt format for tokenizer family {family!r}; expected one of {sorted(PROMPT_FORMATS)}")
+        self.format = prompt_format or PROMPT_FORMATS[family]
+        # Where the tokenizer puts a prompt's marks: `lead` ids in front (LLaMA's BOS), `trail` behind
+        # (ChatGLM-6B's [gMASK] <sop>).
+        plain, marked = tokenizer.encode("x", bos=False), tokenizer.encode("x", bos=True)
+        self.lead = next(i for i in range(len(marked) - len(plain) + 1) if marked[i:i + len(plain)] == plain)
+        self.trail = len(marked) - len(plain) - self.lead
         # Tokens the response marker takes at the end of a prompt, measured in context: the smallest
-        # prompt truncation may leave is BOS + these.
-        full = tokenizer.encode(format_prompt("x"), bos=False)
-        without = tokenizer.encode(format_prompt("x")[: -len(RESPONSE_MARKER)], bos=False)
+        # prompt truncation may leave is the marks + these.
+        example = self.format.render("x")
+        full = tokenizer.encode(example, bos=False)
+        without = tokenizer.encode(example[: -len(self.format.response_marker)], bos=False)
         self.marker_len = max(1, len(full) - len(without))
 
     def encode_prompt(self, record_or_prompt) -> List[int]:
-        """The prompt ids generation starts from: [BOS] + sp(prompt text)."""
-        text = record_or_prompt.prompt if isinstance(record_or_prompt, Record) else record_or_prompt
+        """The prompt ids generation starts from: the family's marks around sp(prompt text) ([BOS] + ... for LLaMA)."""
+        if isinstance(record_or_prompt, Record):
+            text = self.format.render(record_or_prompt.instruction, record_or_prompt.input)
+        else:
+            text = record_or_prompt
         return self.tokenizer.encode(text, bos=True, eos=False)
 
     def encode(self, record: Record, stats: Optional[EncodeStats] = None, index: int = 0) -> Optional[Example]:
@@ -219,7 +263,7 @@ class AlpacaEncoder:
         response_ids = self.tokenizer.encode(record.output, bos=False, eos=True)      # (R,)
         limit = self.max_seq_len
         if len(prompt_ids) + len(response_ids) > limit:
-            min_prompt = min(len(prompt_ids), 1 + self.marker_len)
+            min_prompt = min(len(prompt_ids), self.lead + self.marker_len + self.trail)
             prompt_keep = max(limit - len(response_ids), min_prompt)
             response_keep = limit - prompt_keep
             if response_keep < 1:
@@ -227,8 +271,9 @@ class AlpacaEncoder:
                 stats.dropped_indices.append(index)
                 return None
             if prompt_keep < len(prompt_ids):
-                tail = prompt_ids[len(prompt_ids) - (prompt_keep - 1):] if prompt_keep > 1 else []
-                prompt_ids = prompt_ids[:1] + tail                                    # BOS + the prompt's end
+                tail_len = prompt_keep - self.lead
+                tail = prompt_ids[len(prompt_ids) - tail_len:] if tail_len > 0 else []
+                prompt_ids = prompt_ids[:self.lead] + tail                            # marks + the prompt's end
             if response_keep < len(response_ids):
                 response_ids = response_ids[:response_keep]                            # the response's start
                 stats.truncated_response += 1

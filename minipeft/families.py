@@ -18,10 +18,13 @@ import torch.nn as nn
 
 from .config import ModelConfig
 from .bloom import Bloom
+from .chatglm import ChatGLM
 from .model import Transformer
 
 FAMILY_CLASSES: Dict[str, type] = {
     "llama": Transformer,
+    "chatglm2": Transformer,     # model.py with cfg.qkv_bias and cfg.rotary_fraction 0.5
+    "chatglm": ChatGLM,
     "bloom": Bloom,
 }
 

@@ -6,7 +6,9 @@ Batching prompts of different lengths (B prompts, longest T tokens): each prompt
     attention_mask  (B, T)   0   .. 0   1   .. 1          padding is never attended to
     position_ids    (B, T)   0   .. 0   0   .. n-1        each row's real tokens count from 0
 
-so every row computes exactly what its prompt computes alone. The first call runs the whole padded prompt
+so every row computes exactly what its prompt computes alone. A model that numbers its tokens its own way
+(ChatGLM-6B's 2D positions, (B, 2, T)) gives `prompt_position_ids(tokens, attention_mask)` and
+`next_position_ids(last)`; without them positions are the 1-D count above and the next is the last + 1. The first call runs the whole padded prompt
 and returns the cache (per layer k, v each (B, n_kv_heads, T, head_dim)); after that each step feeds one
 token per row (B, 1) at position n, n+1, .. with the mask grown by a 1, reusing the cache.
 
@@ -77,8 +79,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         tokens[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
         attention_mask[row, longest - len(prompt):] = 1
     tokens, attention_mask = tokens.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)                  # (B, T)
-    next_position = attention_mask.sum(dim=1, keepdim=True)                         # (B, 1) = prompt lengths
+    position_ids = prompt_position_ids(model, tokens, attention_mask)               # (B, T) or (B, 2, T)
 
     generator = None
     if temperature > 0 and seed is not None:
@@ -105,9 +106,25 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             break
 
         tokens = next_tokens[:, None]                                               # (B, 1)
-        position_ids = next_position + step                                         # (B, 1)
+        position_ids = next_position_ids(model, position_ids)                       # (B, 1) or (B, 2, 1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
     return new_tokens
+
+
+def prompt_position_ids(model, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The prompt's positions: the model's own rule if it has one, else each row's real tokens count from 0."""
+    own_rule = getattr(model, "prompt_position_ids", None)
+    if own_rule is not None:
+        return own_rule(tokens, attention_mask)
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)                          # (B, T)
+
+
+def next_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
+    """The next token's positions from the last ones: the model's own rule, else the last position + 1."""
+    own_rule = getattr(model, "next_position_ids", None)
+    if own_rule is not None:
+        return own_rule(position_ids)
+    return position_ids[:, -1:] + 1                                                 # (B, 1)
 
 
 def _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p) -> None:

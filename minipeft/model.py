@@ -1,4 +1,4 @@
-"""The LLaMA decoder, all of it, in plain torch.nn.
+"""The LLaMA decoder, all of it, in plain torch.nn (and ChatGLM2-6B, through two config switches).
 
 Shapes: B batch, T new tokens, S = past length + T keys, d = dim, H query heads, G = n_kv_heads,
 hd = head_dim = d / H, V vocab.
@@ -19,6 +19,9 @@ Cache / past key values: a list with one (k, v) pair per layer, each (B, G, S_pa
 *after* rotation, so anything placed in the cache (a real earlier token, or a prefix-tuning prefix) is
 used exactly as stored. New tokens take positions start_pos .. start_pos+T-1, with start_pos defaulting
 to the past length.
+
+ChatGLM2-6B ("chatglm2") is this decoder with cfg.qkv_bias (wq/wk/wv carry biases) and cfg.rotary_fraction 0.5
+(RoPE turns adjacent pairs of the first hd/2 dims only, with angles pos * theta^(-2i/(hd/2)); the rest pass).
 
 This file knows nothing about PEFT: prompt tuning uses `input_embeds`, prefix tuning uses
 `past_key_values`, and the other methods replace sub-modules (LoRALinear subclasses nn.Linear).
@@ -57,7 +60,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> Tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos). x (B, heads, T, hd)."""
+    """Rotate adjacent pairs: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos). x (B, heads, T, hd). When cos covers
+    fewer than hd/2 pairs (ChatGLM2: rotary_dim = hd/2), only the first 2 * cos.shape[-1] dims turn."""
+    rotated_dims = 2 * cos.shape[-1]
+    if rotated_dims < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rotated_dims], cos, sin), x[..., rotated_dims:]], dim=-1)
     pairs = x.float().unflatten(-1, (-1, 2))                                       # (B, heads, T, hd/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)      # (B, heads, T, hd/2, 2)
@@ -68,9 +75,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)   # bias: ChatGLM2
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -143,6 +150,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):                                           # ChatGLM2's QKV bias
+                nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
 
@@ -172,7 +181,7 @@ class Transformer(nn.Module):
         if position_ids is None:
             first = past_len if start_pos is None else start_pos
             position_ids = torch.arange(first, first + T, device=h.device).expand(B, T)   # (B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)   # (B, 1, T, rot/2)
         mask = self.build_mask(B, T, past_len, attention_mask, h.device)
 
         new_cache = []

@@ -17,6 +17,9 @@ when asked.
 `Tokenizer(path)` picks the kind from the file: a `.json` file is a byte-level BPE `tokenizer.json` (BLOOM;
 bpe_tokenizer.py, same methods), anything else a SentencePiece model. A checkpoint folder works too: its
 `tokenizer.model`, else its `tokenizer.json`.
+
+ChatGLM's tokenizers (tokenizer_chatglm.py) keep this interface: `encode(text, bos=True)` marks a *prompt* the
+way the family does and `eos=True` ends a *response*; `tokenizer_for(family, path)` picks the class.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def tokenizer_file(path) -> Path:
 
 
 class Tokenizer:
-    def __new__(cls, model_path):
+    family = "llama"      # the prompt format data.py renders records into
+
+    def __new__(cls, model_path, *args, **kwargs):
         if cls is Tokenizer and tokenizer_file(model_path).suffix == ".json":
             from .bpe_tokenizer import ByteLevelBPETokenizer
             return super().__new__(ByteLevelBPETokenizer)
@@ -62,8 +67,11 @@ class Tokenizer:
             self.sp.Load(str(self.path))
         except (RuntimeError, OSError) as err:
             raise TokenizerError(f"{self.path} is not a SentencePiece model ({err})") from None
-        # The ids decode() leaves out. Without a pad piece pad_id is 0 (unk), which byte fallback never
-        # produces from text, so dropping it loses nothing.
+        self._setup_special_ids()
+
+    def _setup_special_ids(self) -> None:
+        """The ids decode() leaves out. Without a pad piece pad_id is 0 (unk), which byte fallback never
+        produces from text, so dropping it loses nothing. (A family with its own special tokens overrides this.)"""
         self._special_ids = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i >= 0}
 
     # ---- vocabulary --------------------------------------------------------------------------------
@@ -101,7 +109,7 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> List[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
-        return self._add_special(self.sp.encode(text), bos, eos)
+        return self._add_special(self.sp.encode(self._preprocess(text)), bos, eos)
 
     def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False) -> List[List[int]]:
         """encode() for each text (sentencepiece encodes the list in one call)."""
@@ -109,15 +117,22 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TokenizerError(f"encode_batch expects strings, item {i} is a {type(text).__name__}")
-        return [self._add_special(ids, bos, eos) for ids in self.sp.encode(texts)]
+        return [self._add_special(ids, bos, eos) for ids in self.sp.encode([self._preprocess(t) for t in texts])]
 
     def decode(self, ids: Iterable[int]) -> str:
         """ids (a list, or a 1-D tensor) -> text, leaving out BOS, EOS and padding."""
         ids = [int(i) for i in ids]
         self._check_ids(ids)
-        return self.sp.decode([i for i in ids if i not in self._special_ids])
+        return self._postprocess(self.sp.decode([i for i in ids if i not in self._special_ids]))
 
     # ---- helpers -----------------------------------------------------------------------------------
+    def _preprocess(self, text: str) -> str:
+        """Text -> what SentencePiece sees (a family with its own text rules overrides this)."""
+        return text
+
+    def _postprocess(self, text: str) -> str:
+        return text
+
     def _add_special(self, ids: List[int], bos: bool, eos: bool) -> List[int]:
         if bos:
             if self.bos_id < 0:
@@ -137,3 +152,15 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_for(family: str, model_path) -> Tokenizer:
+    """The tokenizer class of a model family ("llama", "chatglm", "chatglm2" on a SentencePiece file; "bloom"
+    on a tokenizer.json)."""
+    from .bpe_tokenizer import ByteLevelBPETokenizer
+    from .tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
+    classes = {"llama": Tokenizer, "chatglm": ChatGLMTokenizer, "chatglm2": ChatGLM2Tokenizer,
+               "bloom": ByteLevelBPETokenizer}
+    if family not in classes:
+        raise TokenizerError(f"no tokenizer for family {family!r}; expected one of {sorted(classes)}")
+    return classes[family](model_path)

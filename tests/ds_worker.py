@@ -33,8 +33,9 @@ import torch.distributed as dist  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
 from minipeft.data import collate  # noqa: E402
-import minipeft.train  # noqa: E402
-from minipeft.train import TrainConfig, Trainer, base_dtype, prepare_run  # noqa: E402
+import minipeft.train.prepare  # noqa: E402
+from minipeft.peft import LlamaAdapterConfig, LoRAConfig  # noqa: E402
+from minipeft.train import TrainConfig, base_dtype, build_trainer, prepare_run  # noqa: E402
 
 
 def frozen_unchanged(trainer, original: dict) -> bool:
@@ -61,14 +62,14 @@ def load_whole_base(cfg, ds_config):
 
 def run_full_load(name, ws, out_dir, rank, **flags):
     """The same run with the full-load path; only its losses and frozen-weight check are kept."""
-    partitioned = minipeft.train.load_base_partitioned
-    minipeft.train.load_base_partitioned = load_whole_base
+    partitioned = minipeft.train.prepare.load_base_partitioned
+    minipeft.train.prepare.load_base_partitioned = load_whole_base
     try:
         cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**common_flags(name, ws, out_dir, flags)))
     finally:
-        minipeft.train.load_base_partitioned = partitioned
+        minipeft.train.prepare.load_base_partitioned = partitioned
     assert not any(hasattr(p, "ds_id") for p in base.parameters())
-    trainer = Trainer(cfg, base, tokenizer, data, ds_config)
+    trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
     facts = {"losses": [h["loss"] for h in trainer.train()],
              "frozen_unchanged": frozen_unchanged(trainer, load_model(ws["model"]).state_dict())}
     dist.barrier()
@@ -89,7 +90,7 @@ def run_case(name, ws, out_dir, rank, **flags):
     if facts["partitioned"]:
         checkpoint = {n: t.to(base_dtype(cfg)) for n, t in load_model(ws["model"]).state_dict().items()}
         facts["loaded_exact"] = gathered_equal(base, checkpoint)
-    trainer = Trainer(cfg, base, tokenizer, data, ds_config)
+    trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
     facts.update({"zero_stage": trainer.engine.zero_optimization_stage(), "world_size": trainer.world_size,
                   "train_batch_size": trainer.engine.train_batch_size(),
                   "val_before": trainer.evaluate()["val_loss"]})
@@ -100,7 +101,7 @@ def run_case(name, ws, out_dir, rank, **flags):
     facts["adapter"] = str(trainer.save_final())
     facts["engine_dtype"] = str(next(p for _, p in trainer.trainable).dtype)
 
-    if flags.get("method") == "llama_adapter":
+    if cfg.method == "llama_adapter":
         # the independent route: DeepSpeed's own checkpoint, consolidated by its zero_to_fp32
         tag_dir = trainer.save_checkpoint()
         if rank == 0:
@@ -123,10 +124,10 @@ def main():
     out_dir = Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     cases = [
-        ("zero2_lora", dict(method="lora", lr=5e-2, lora_rank=4, deepspeed=ws["zero2"])),
-        ("zero3_offload_la", dict(method="llama_adapter", lr=2e-1, llama_adapter_len=4, llama_adapter_layers=2,
+        ("zero2_lora", dict(peft=LoRAConfig(rank=4), lr=5e-2, deepspeed=ws["zero2"])),
+        ("zero3_offload_la", dict(peft=LlamaAdapterConfig(prompt_len=4, adapter_layers=2), lr=2e-1,
                                   deepspeed=ws["zero3_offload"])),
-        ("zero3_lora_bf16", dict(method="lora", lr=5e-2, lora_rank=4, precision="bf16", deepspeed=ws["zero3"])),
+        ("zero3_lora_bf16", dict(peft=LoRAConfig(rank=4), lr=5e-2, precision="bf16", deepspeed=ws["zero3"])),
     ]
     runs = [(name, run_case, flags) for name, flags in cases]
     runs += [(name + "_full_load", run_full_load, flags) for name, flags in cases if name.startswith("zero3")]

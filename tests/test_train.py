@@ -20,22 +20,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
-from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.train import (METHODS, TrainConfig, Trainer, TrainError, build_arg_parser, evaluate_loss,  # noqa: E402
-                            lr_factor, prepare_run)
+from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig,  # noqa: E402
+                           PromptConfig, load_adapter)
+from minipeft.train import (METHODS, TrainConfig, TrainError, build_arg_parser, build_trainer,  # noqa: E402
+                            evaluate_loss, lr_factor, prepare_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("MINIPEFT_DEVICE", "cpu")     # tools/gpu_check.sh sets cuda
 
 # Small hyper-parameters so each method has a handful of trainable parameters and learns in a few steps.
-METHOD_FLAGS = {
-    "full": dict(lr=1e-2),
-    "lora": dict(lr=5e-2, lora_rank=4, lora_targets=("wq", "wv", "w2")),
-    "prompt": dict(lr=2e-1, prompt_len=4, prompt_init="random"),
-    "prefix": dict(lr=1e-1, prefix_len=4, prefix_hidden=16),
-    "adapter": dict(lr=5e-2, adapter_bottleneck=8),
-    "llama_adapter": dict(lr=2e-1, llama_adapter_len=4, llama_adapter_layers=2),
+METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1}
+METHOD_PEFT = {
+    "full": dict(),
+    "lora": dict(rank=4, targets=("wq", "wv", "w2")),
+    "prompt": dict(prompt_len=4, init="random"),
+    "prefix": dict(prefix_len=4, reparam_hidden=16),
+    "adapter": dict(bottleneck=8),
+    "llama_adapter": dict(prompt_len=4, adapter_layers=2),
 }
+PEFT_CLASSES = {"full": FullConfig, "lora": LoRAConfig, "prompt": PromptConfig, "prefix": PrefixConfig,
+                "adapter": AdapterConfig, "llama_adapter": LlamaAdapterConfig}
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +47,19 @@ def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws"))
 
 
-def make_cfg(ws, tmp_path, method="lora", **overrides) -> TrainConfig:
+def make_cfg(ws, tmp_path, method="lora", peft=None, **overrides) -> TrainConfig:
+    """peft: fields of the method's config beyond METHOD_PEFT's."""
     values = dict(model=ws["model"], train_data=ws["train"], val_data=ws["val"], max_seq_len=MAX_SEQ_LEN,
-                  method=method, batch_size=4, max_steps=12, warmup_steps=2, seed=0, device=DEVICE,
+                  batch_size=4, max_steps=12, warmup_steps=2, seed=0, device=DEVICE, lr=METHOD_LR[method],
                   out=str(tmp_path / f"run-{method}"), progress=False, exact_match=False, eval_batch_size=8)
-    values.update(METHOD_FLAGS[method])
     values.update(overrides)
+    values["peft"] = PEFT_CLASSES[method](**{**METHOD_PEFT[method], **(peft or {})})
     return TrainConfig(**values)
 
 
 def build(cfg):
     cfg, ds_config, base, tokenizer, data = prepare_run(cfg)
-    return Trainer(cfg, base, tokenizer, data, ds_config)
+    return build_trainer(cfg, base, tokenizer, data, ds_config)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -97,7 +102,7 @@ def test_method_trains_keeps_base_and_reloads(ws, tmp_path, method):
 def test_resume_is_bit_identical(ws, tmp_path):
     # dropout (RNG), accumulation and several epochs: 24 examples / batch 4 = 6 micro-batches per epoch
     # (on CPU whatever MINIPEFT_DEVICE says: bit-identical replay is promised for CPU runs)
-    common = dict(lora_dropout=0.1, grad_accum=2, max_steps=8, save_every=3, keep_checkpoints=3, device="cpu")
+    common = dict(peft=dict(dropout=0.1), grad_accum=2, max_steps=8, save_every=3, keep_checkpoints=3, device="cpu")
     full = build(make_cfg(ws, tmp_path, "lora", out=str(tmp_path / "a"), **common))
     full_history = full.train()
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("*.pt")) == ["step-000003.pt", "step-000006.pt"]
@@ -149,7 +154,8 @@ def test_bf16_autocast_trains(ws, tmp_path):
 
 
 def test_trainable_embeddings_are_trained_and_saved(ws, tmp_path):
-    trainer = build(make_cfg(ws, tmp_path, "lora", trainable_embeddings=True, max_steps=3))
+    trainer = build(make_cfg(ws, tmp_path, "lora", peft=dict(extra_trainable=("tok_embeddings", "output")),
+                             max_steps=3))
     names = {n for n, _ in trainer.trainable}
     assert {"base.tok_embeddings.weight", "base.output.weight"} <= names
     before = trainer.model.base.output.weight.detach().clone()
@@ -171,7 +177,7 @@ def test_help_documents_every_flag():
     text = build_arg_parser().format_help()
     for f in dataclasses.fields(TrainConfig):
         flag = {"exact_match": "--no-exact-match", "progress": "--no-progress", "strict_data": "--strict-data",
-                "local_rank": "--local_rank"}.get(f.name, "--" + f.name.replace("_", "-"))
+                "local_rank": "--local_rank", "peft": "--trainable-embeddings"}.get(f.name, "--" + f.name.replace("_", "-"))
         assert flag in text, flag
     for flag in ("--lora-rank", "--lora-alpha", "--lora-dropout", "--lora-targets", "--prompt-len", "--prompt-init",
                  "--prefix-len", "--prefix-hidden", "--adapter-bottleneck", "--llama-adapter-len",
@@ -184,7 +190,7 @@ def test_bad_flags_stop_before_work(ws, tmp_path, capsys):
         run_finetune(["--method", "bitfit"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
     common = ["--model", ws["model"], "--train-data", ws["train"], "--out", str(tmp_path / "never")]
-    for extra, message in ((["--lora-rank", "0"], "--lora-rank must be >= 1"),
+    for extra, message in ((["--lora-rank", "0"], "--lora-rank must be a positive integer"),
                            (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
                            (["--prompt-init", "text", "--method", "prompt"], "needs --prompt-init-text"),
                            (["--val-data", str(tmp_path / "nope.json")], "nope.json: file not found")):
@@ -201,7 +207,7 @@ def test_finetune_cli_on_tiny_model(ws, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "exact match" in printed
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((out / "train_config.json").read_text())["adapter_bottleneck"] == 4
+    assert json.loads((out / "train_config.json").read_text())["peft"]["bottleneck"] == 4
 
 
 def test_default_main_job_few_steps(tmp_path, capsys):

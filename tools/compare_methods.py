@@ -46,20 +46,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from minipeft.train import (METHODS, TrainConfig, Trainer, TrainError, load_deepspeed_config,  # noqa: E402
-                            prepare_run, resolve_deepspeed_config)
+from minipeft.train import (METHODS, TINY_COMPARISON_LR, TrainConfig, TrainError, build_trainer,  # noqa: E402
+                            load_deepspeed_config, prepare_run, resolve_deepspeed_config)
 
 # The order of the reference table, with the Houlsby adapter as a sixth.
 METHOD_ORDER = ("full", "lora", "llama_adapter", "prompt", "prefix", "adapter")
 METHOD_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "llama_adapter": "LLaMA-Adapter",
                  "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapter (Houlsby)"}
 
-# Peak learning rates used without --sweep. Chosen by `--sweep` on the shipped tiny model and demo data
-# (grid SWEEP_LRS extended past its edge where needed, 1 epoch of 400 examples, lowest validation loss on
-# 160 training records outside the training subset); the sweep's numbers are in
-# lessons/08_comparison/results.json. LLaMA-Adapter's zero-initialised gates need a very large rate here.
-CHOSEN_LR = {"full": 1e-3, "lora": 1e-2, "llama_adapter": 0.27, "prompt": 1e-1, "prefix": 3e-3,
-             "adapter": 1e-2}
+# Peak learning rates used without --sweep: minipeft/train/learning_rates.py's TINY_COMPARISON_LR, chosen by
+# `--sweep` on the shipped tiny model and demo data (grid SWEEP_LRS extended past its edge where needed,
+# 1 epoch of 400 examples, lowest validation loss on 160 training records outside the training subset); the
+# sweep's numbers are in lessons/08_comparison/results.json. LLaMA-Adapter's zero-initialised gates need a
+# very large rate here.
+CHOSEN_LR = TINY_COMPARISON_LR
 # Three rates per method, a factor ~3 apart, centred on the usual ratio between methods: full fine-tuning
 # lowest; LoRA and adapters ~3x higher; LLaMA-Adapter, prefix and prompt tuning 10-100x higher.
 SWEEP_LRS = {"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "llama_adapter": (3e-3, 1e-2, 3e-2),
@@ -110,7 +110,7 @@ def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_
                with_exact_match: bool, say=print) -> dict:
     """Train one method from a fresh copy of `base`, evaluating the validation loss evals_per_epoch times
     per epoch (and before training). Returns the numbers of the results table and the curves."""
-    trainer = Trainer(cfg, copy.deepcopy(base), tokenizer, data, ds_config)
+    trainer = build_trainer(cfg, copy.deepcopy(base), tokenizer, data, ds_config)
     memory = PeakMemory(trainer.device)
     memory.reset()
     steps_per_epoch = trainer.batches_per_epoch / cfg.grad_accum
@@ -557,8 +557,8 @@ def main(argv=None) -> int:
 
 
 def _method_hyper(cfg: TrainConfig, method: str) -> dict:
-    from minipeft.train import peft_config_from
-    return dataclasses.asdict(peft_config_from(dataclasses.replace(cfg, method=method)))
+    """The hyper-parameters the run used for `method` (its config's defaults)."""
+    return dataclasses.asdict(dataclasses.replace(cfg, method=method, peft=None).peft_config)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@
 With no arguments it trains LoRA on minipeft/assets/tiny-llama with demo_data/train.json, and prints the
 validation loss and exact-match accuracy on demo_data/heldout.json before and after training, a few
 generations before/after side by side, and where the adapter was written (runs/<method>-<timestamp>/adapter,
-or --out). `--help` lists every flag; the training loop itself is minipeft/train.py.
+or --out). `--help` lists every flag; the training loop itself is minipeft/train/loop.py.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from minipeft import assets_dir  # noqa: E402
-from minipeft.train import (TINY_MODEL_LR, TrainConfig, Trainer, TrainError, build_arg_parser,  # noqa: E402
-                            config_from_args, prepare_run)
+from minipeft.train import (TINY_MODEL_LR, TrainConfig, TrainError, build_arg_parser,  # noqa: E402
+                            build_trainer, config_from_args, prepare_run)
 
 
 def with_shipped_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -54,21 +54,21 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     parser = build_arg_parser()
     args = parser.parse_args(argv)
-    cfg = with_shipped_defaults(config_from_args(args))
     try:
+        cfg = with_shipped_defaults(config_from_args(args))
         cfg, ds_config, base, tokenizer, data = prepare_run(cfg)
     except (TrainError, ValueError) as err:     # bad flags, data, model or DeepSpeed config: before any work
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
 
-    trainer = Trainer(cfg, base, tokenizer, data, ds_config)
+    trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
     say = print if trainer.is_main else (lambda *a, **k: None)
     for line in data.report:
         say(line)
     say(f"method {cfg.method}: {trainer.model.report}; {len(data.train)} training / {len(data.val)} validation "
         f"examples; {trainer.total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {trainer.world_size} "
         f"examples; lr {cfg.lr:g}; {cfg.precision}; device {trainer.device}"
-        + (f"; DeepSpeed ZeRO-{trainer.engine.zero_optimization_stage()}" if trainer.engine is not None else ""))
+        + (f"; DeepSpeed ZeRO-{trainer.engine.zero_optimization_stage()}" if hasattr(trainer, "engine") else ""))
     if cfg.resume:
         trainer.resume(cfg.resume)
         say(f"resumed from {cfg.resume} at step {trainer.step}")

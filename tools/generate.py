@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 import torch  # noqa: E402
 
 from minipeft.checkpoint import DTYPES, load_model  # noqa: E402
-from minipeft.data import format_prompt  # noqa: E402
+from minipeft.data import PROMPT_FORMATS  # noqa: E402
 from minipeft.generate import generate  # noqa: E402
 from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.tokenizer import Tokenizer  # noqa: E402
+from minipeft.tokenizer import Tokenizer, tokenizer_for  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--adapter", default=None, help="adapter folder written by save_adapter / finetune")
-    parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the Alpaca template")
+    parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the model family's template (Alpaca; ChatGLM: [Round n] 问：...答：)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint folder's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
@@ -45,15 +45,16 @@ def main(argv=None) -> int:
         print(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer PATH", file=sys.stderr)
         return 1
     try:
-        tokenizer = Tokenizer(tokenizer_path)
         model = load_model(args.checkpoint, dtype=DTYPES.get(args.dtype), device=args.device)
+        family = model.config.family
+        tokenizer = Tokenizer(tokenizer_path) if family == "llama" else tokenizer_for(family, tokenizer_path)
         if tokenizer.vocab_size > model.config.vocab_size:
             print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
                   f"{model.config.vocab_size}", file=sys.stderr)
             return 1
         if args.adapter:
             model = load_adapter(model, args.adapter).to(args.device).eval()
-        texts = [format_prompt(p) if args.alpaca else p for p in args.prompt]
+        texts = [PROMPT_FORMATS[family].render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
         outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)

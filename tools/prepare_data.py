@@ -38,13 +38,15 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0, help="also write a seeded validation split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--out", help="output file (default: <data>.tokenized.jsonl)")
+    parser.add_argument("--family", default="llama", choices=("llama", "chatglm", "chatglm2"),
+                        help="the model family: its tokenizer rules and chat format (default llama: Alpaca)")
     args = parser.parse_args(argv)
 
-    from minipeft.tokenizer import Tokenizer
+    from minipeft.tokenizer import tokenizer_for
     tokenizer_path = args.tokenizer or default_tokenizer()
     out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
     try:
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = tokenizer_for(args.family, tokenizer_path)
         encoder = AlpacaEncoder(tokenizer, args.max_seq_len, train_on_prompt=args.train_on_prompt)
         records, problems = read_records(args.data, strict=args.strict)
         splits = {"": records}

@@ -46,7 +46,7 @@ def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], c
 def _check_tokenizer_file(path: Path, cfg: ModelConfig) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer file not found")
-    check_tokenizer_fits(path, cfg.vocab_size, "the given ModelConfig")
+    check_tokenizer_fits(path, cfg.vocab_size, "the given ModelConfig", allow_extra_model_rows=cfg.family != "llama")
 
 
 def iter_checkpoint_tensors(folder, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:

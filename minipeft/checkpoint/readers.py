@@ -15,6 +15,7 @@ from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, Check
                     expected_shapes, folder_tokenizer, iter_weight_files, read_json, tokenizer_vocab_size, torch_load,
                     weight_files)
 from .hf_bloom import bloom_config_from_hf, hf_bloom_tensor_to_ours
+from .hf_chatglm import chatglm_config, chatglm_tensor_to_ours, chatglm_tokenizer_file
 from .hf_llama import hf_tensor_to_ours
 
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -42,10 +43,12 @@ def detect_format(folder) -> str:
         f"(config.json with model_type 'llama' + model.safetensors or pytorch_model.bin)")
 
 
-def _check_tokenizer(folder: Path, cfg: ModelConfig, config_name: str, allow_extra_model_rows: bool = False) -> None:
-    """A tokenizer.model (or tokenizer.json) next to the weights must fit the model's vocabulary."""
-    tokenizer_path = folder_tokenizer(folder)
-    if tokenizer_path is not None:
+def _check_tokenizer(folder: Path, cfg: ModelConfig, config_name: str, allow_extra_model_rows: bool = False,
+                     tokenizer_path: Optional[Path] = None) -> None:
+    """The tokenizer next to the weights (tokenizer.model or tokenizer.json unless given) must fit the model's
+    vocabulary."""
+    tokenizer_path = tokenizer_path or folder_tokenizer(folder)
+    if tokenizer_path is not None and tokenizer_path.is_file():
         check_tokenizer_fits(tokenizer_path, cfg.vocab_size, str(folder / config_name), allow_extra_model_rows)
 
 
@@ -76,7 +79,8 @@ class _OursReader(_Reader):
             cfg = ModelConfig.load(self.folder / CONFIG_NAME)
         except (ConfigError, TypeError) as e:
             raise CheckpointError(str(e)) from None
-        _check_tokenizer(self.folder, cfg, CONFIG_NAME)
+        # ChatGLM's embeddings have more rows than its SentencePiece model has pieces (padding, appended specials)
+        _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=cfg.family != "llama")
         return cfg
 
     def tensors(self, cfg):
@@ -96,15 +100,19 @@ def _llama_tensor_to_ours(hf_key: str, tensor: torch.Tensor, cfg: ModelConfig):
 class HFFamily:
     """How to read the folders of one transformers `model_type`."""
     config: Callable[[Path], ModelConfig]           # config.json path -> our ModelConfig (ConfigError if unfit)
-    tensor_to_ours: Callable                        # (hf_key, tensor, cfg) -> (our_key, tensor), None to skip;
-                                                    # KeyError for a key that is not one of the family's
+    tensor_to_ours: Callable                        # (hf_key, tensor, cfg) -> (our_key, tensor) or a list of them
+                                                    # (a fused tensor split), None to skip; KeyError for a key that
+                                                    # is not one of the family's
     what: str                                       # for messages: "a LLaMA parameter"
+    tokenizer_file: Callable[[Path], Optional[Path]] = folder_tokenizer   # tokenizer.model, else tokenizer.json
 
 
 # transformers model_type -> how to read it. A new family adds one entry here (and its name table beside
 # hf_llama.py).
 HF_MODEL_TYPES: Dict[str, HFFamily] = {
     "llama": HFFamily(ModelConfig.from_hf_config, _llama_tensor_to_ours, "a LLaMA parameter"),
+    "chatglm": HFFamily(chatglm_config, chatglm_tensor_to_ours, "a ChatGLM-6B / ChatGLM2-6B parameter",
+                        chatglm_tokenizer_file),
     "bloom": HFFamily(bloom_config_from_hf, hf_bloom_tensor_to_ours, "a BLOOM parameter"),
 }
 
@@ -120,6 +128,10 @@ class _HFReader(_Reader):
                                   f"{sorted(HF_MODEL_TYPES)}")
         return HF_MODEL_TYPES[model_type]
 
+    @property
+    def tokenizer_path(self) -> Optional[Path]:
+        return self.family.tokenizer_file(self.folder)
+
     def config(self) -> ModelConfig:
         try:
             cfg = self.family.config(self.folder / CONFIG_NAME)
@@ -127,7 +139,9 @@ class _HFReader(_Reader):
             raise CheckpointError(str(e)) from None
         # transformers folders may give the model more rows than tokenizer.model has pieces (added tokens
         # such as a pad token live in tokenizer.json), so only a tokenizer larger than the model is wrong.
-        _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=True)
+        if self.tokenizer_path is not None:
+            _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=True,
+                             tokenizer_path=self.tokenizer_path)
         return cfg
 
     def tensors(self, cfg):
@@ -142,8 +156,10 @@ class _HFReader(_Reader):
                 converted = family.tensor_to_ours(hf_key, tensor, cfg)
             except KeyError:
                 raise CheckpointError(f"{source}: unexpected key {hf_key!r} (not {family.what})") from None
-            if converted is not None:
-                yield converted[0], converted[1], source
+            if converted is None:
+                continue
+            for key, our_tensor in (converted if isinstance(converted, list) else [converted]):
+                yield key, our_tensor, source
 
 
 # Which dimension Meta's model-parallel shards split each weight on (None: replicated on every shard).

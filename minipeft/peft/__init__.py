@@ -1,21 +1,38 @@
-"""Parameter-efficient fine-tuning methods for the minipeft Transformer, and the API that installs them.
+"""Parameter-efficient fine-tuning methods for the minipeft decoders, and the API that installs them.
 
     from minipeft.peft import LoRAConfig, apply_peft, save_adapter, load_adapter, merge_lora
     model = apply_peft(base, LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")))
+
+The files, bottom up (each imports only those above it):
+    config.py          PeftConfigError and one validated config dataclass per method
+    replace.py         replace a sub-module by name; collect what the method modules declare they train
+    lora.py, soft_prompt.py, prefix.py, adapter.py, llama_adapter.py   one method each: its modules + install()
+    registry.py        the table of methods (PeftMethod): what apply_peft, save/load and the CLI read
+    peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
+    api.py             apply_peft, merge_lora
+    save_load.py       save_adapter, load_adapter (adapter folders with a base fingerprint)
+    hf_export.py       export_lora_to_hf_peft
 """
 
-from .api import (PEFT_CONFIGS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PeftConfigError,
-                  PeftModel, PrefixConfig, PromptConfig, TrainableReport, apply_peft, export_lora_to_hf_peft,
-                  load_adapter, merge_lora, save_adapter)
 from .adapter import BottleneckAdapter, LinearWithAdapter
+from .api import apply_peft, merge_lora, peft_configs
+from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
+                     PeftConfigError, PrefixConfig, PromptConfig)
+from .hf_export import export_lora_to_hf_peft
 from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
+from .peft_model import PeftModel, TrainableReport
 from .prefix import PrefixKV
+from .registry import METHODS, Flag, PeftMethod, get_method, register, unregister
+from .save_load import load_adapter, save_adapter
 from .soft_prompt import SoftPrompt
 
+PEFT_CONFIGS = peft_configs()     # method name -> config class of the built-in methods (see registry.METHODS)
+
 __all__ = [
-    "PEFT_CONFIGS", "FullConfig", "LoRAConfig", "PromptConfig", "PrefixConfig", "AdapterConfig",
-    "LlamaAdapterConfig", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
+    "PEFT_CONFIGS", "METHODS", "PeftMethod", "Flag", "register", "unregister", "get_method",
+    "FullConfig", "LoRAConfig", "PromptConfig", "PrefixConfig", "AdapterConfig", "LlamaAdapterConfig",
+    "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
     "LoRALinear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
 ]

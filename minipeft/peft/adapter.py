@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .api import PeftConfigError
+from .config import AdapterConfig, PeftConfigError
+from .replace import replace_module
 
 # The Linear modules (last name component) whose outputs get an adapter.
 ADAPTER_PLACES = ("wo", "w2")
@@ -43,6 +44,10 @@ class BottleneckAdapter(nn.Module):
         self.act = nn.GELU()
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    def adapter_params(self) -> dict:
+        """Everything in the adapter trains: down (m, d) + (m,), up (d, m) + (d,)."""
+        return dict(self.named_parameters())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.up(self.act(self.down(h)))                                      # (..., d)
@@ -75,8 +80,6 @@ class LinearWithAdapter(nn.Linear):
 def install_adapters(model: nn.Module, config) -> Dict[str, LinearWithAdapter]:
     """Replace every attention.wo and feed_forward.w2 of `model` by a LinearWithAdapter. Returns
     {module name: LinearWithAdapter}."""
-    if not isinstance(config.bottleneck, int) or config.bottleneck <= 0:
-        raise PeftConfigError(f"AdapterConfig.bottleneck must be a positive integer, got {config.bottleneck!r}")
     chosen = [(name, module) for name, module in model.named_modules()
               if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in ADAPTER_PLACES]
     if not chosen:
@@ -84,9 +87,13 @@ def install_adapters(model: nn.Module, config) -> Dict[str, LinearWithAdapter]:
                               "to put an adapter after")
     installed = {}
     for name, linear in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         module = LinearWithAdapter.from_linear(linear, config.bottleneck)
-        setattr(parent, child, module)
+        replace_module(model, name, module)
         installed[name] = module
     return installed
+
+
+def install(model: nn.Module, config: AdapterConfig, **_) -> dict:
+    """The registry's entry point: adapters replace sub-modules, so nothing is attached beside the base."""
+    install_adapters(model, config)
+    return {}

@@ -37,15 +37,8 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from ..model import Attention, Transformer
-
-GATE_KINDS = ("tanh", "plain")
-
-
-def _config_error(message: str) -> ValueError:
-    """A PeftConfigError from api.py (imported here, not at the top: api.py imports this module)."""
-    from .api import PeftConfigError
-    return PeftConfigError(message)
+from ..model import Attention
+from .config import GATE_KINDS, LlamaAdapterConfig, PeftConfigError  # noqa: F401  (GATE_KINDS: the gate forms)
 
 
 class GatedAdapterPrompt(Attention):
@@ -57,10 +50,7 @@ class GatedAdapterPrompt(Attention):
 
     def __init__(self, attention: Attention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
         nn.Module.__init__(self)
-        if not isinstance(prompt_len, int) or prompt_len <= 0:
-            raise _config_error(f"LlamaAdapterConfig.prompt_len must be a positive integer, got {prompt_len!r}")
-        if gate not in GATE_KINDS:
-            raise _config_error(f"LlamaAdapterConfig.gate must be one of {GATE_KINDS}, got {gate!r}")
+        LlamaAdapterConfig(prompt_len=prompt_len, gate=gate)                # checks both (PeftConfigError)
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
         self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
         self.prompt_len, self.gate_kind = prompt_len, gate
@@ -69,6 +59,10 @@ class GatedAdapterPrompt(Attention):
         prompt = torch.empty(prompt_len, dim, device=weight.device, dtype=weight.dtype)
         self.adapter_prompt = nn.Parameter(prompt.normal_(0.0, init_std))                  # (K, d)
         self.adapter_gate = nn.Parameter(torch.zeros(self.n_heads, device=weight.device, dtype=weight.dtype))
+
+    def adapter_params(self) -> dict:
+        """What LLaMA-Adapter trains in this layer: the prompt (K, d) and the gate (H,)."""
+        return {"adapter_prompt": self.adapter_prompt, "adapter_gate": self.adapter_gate}
 
     def gate_values(self) -> torch.Tensor:
         """(H,) the factor each head's prompt attention is multiplied by."""
@@ -97,25 +91,27 @@ class GatedAdapterPrompt(Attention):
         return f"prompt_len={self.prompt_len}, n_heads={self.n_heads}, gate={self.gate_kind!r}"
 
 
-def install_llama_adapter(model: Transformer, config) -> List[str]:
+def install_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> List[str]:
     """Replace layers[i].attention by a GatedAdapterPrompt for the top L layers of `model` (in place).
 
     L = config.adapter_layers, or min(30, n_layers) when None. Returns the names of the new trainable
     parameters (`layers.{i}.attention.adapter_prompt`, `layers.{i}.attention.adapter_gate`)."""
     n_layers = len(model.layers)
     adapter_layers = config.adapter_layers if config.adapter_layers is not None else min(30, n_layers)
-    if not isinstance(adapter_layers, int) or not 1 <= adapter_layers <= n_layers:
-        raise _config_error(f"LlamaAdapterConfig.adapter_layers must be between 1 and the model's n_layers "
-                            f"({n_layers}), got {config.adapter_layers!r}")
-    if not isinstance(config.prompt_len, int) or config.prompt_len <= 0:
-        raise _config_error(f"LlamaAdapterConfig.prompt_len must be a positive integer, got {config.prompt_len!r}")
-    if config.gate not in GATE_KINDS:
-        raise _config_error(f"LlamaAdapterConfig.gate must be one of {GATE_KINDS}, got {config.gate!r}")
+    if not 1 <= adapter_layers <= n_layers:
+        raise PeftConfigError(f"LlamaAdapterConfig.adapter_layers must be between 1 and the model's n_layers "
+                              f"({n_layers}), got {config.adapter_layers!r}")
     names = []
     for i in range(n_layers - adapter_layers, n_layers):
         block = model.layers[i]
         if isinstance(block.attention, GatedAdapterPrompt):
-            raise _config_error(f"layer {i} already has a LLaMA-Adapter prompt; install it only once")
+            raise PeftConfigError(f"layer {i} already has a LLaMA-Adapter prompt; install it only once")
         block.attention = GatedAdapterPrompt(block.attention, config.prompt_len, config.gate)
         names += [f"layers.{i}.attention.adapter_prompt", f"layers.{i}.attention.adapter_gate"]
     return names
+
+
+def install(model: nn.Module, config: LlamaAdapterConfig, **_) -> dict:
+    """The registry's entry point: the adapted attentions replace sub-modules, nothing is attached beside."""
+    install_llama_adapter(model, config)
+    return {}

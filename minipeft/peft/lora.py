@@ -27,10 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .api import PeftConfigError
-
-# Names of the Linear modules of our Transformer that LoRA may target (the last component of the name).
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+from .config import LORA_TARGETS, LoRAConfig, PeftConfigError  # noqa: F401  (LORA_TARGETS: the target names)
+from .replace import replace_module
 
 
 class LoRALinear(nn.Linear):
@@ -61,6 +59,10 @@ class LoRALinear(nn.Linear):
         lora.bias = linear.bias
         lora._add_lora(rank, alpha, dropout)                               # A, B on the weight's device/dtype
         return lora
+
+    def adapter_params(self) -> dict:
+        """What LoRA trains in this module: A (r, d_in) and B (d_out, r)."""
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
     def delta_weight(self) -> torch.Tensor:
         """Delta W = s * B A, (d_out, d_in), computed in float32 and returned in the weight's dtype."""
@@ -103,25 +105,11 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
 
 
-def check_lora_config(config) -> None:
-    if not isinstance(config.rank, int) or config.rank <= 0:
-        raise PeftConfigError(f"LoRAConfig.rank must be a positive integer, got {config.rank!r}")
-    if not (0.0 <= config.dropout < 1.0):
-        raise PeftConfigError(f"LoRAConfig.dropout must be in [0, 1), got {config.dropout!r}")
-    targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
-    if not targets:
-        raise PeftConfigError(f"LoRAConfig.targets is empty; choose some of {list(LORA_TARGETS)}")
-    unknown = [t for t in targets if t not in LORA_TARGETS]
-    if unknown:
-        raise PeftConfigError(f"LoRAConfig.targets: unknown target(s) {unknown}; expected names from "
-                              f"{list(LORA_TARGETS)} (the last component of a Linear module's name)")
-
-
 def install_lora(model: nn.Module, config) -> Dict[str, LoRALinear]:
     """Replace every nn.Linear of `model` whose last name component is in config.targets by a LoRALinear
-    reusing its weight. Returns {module name: LoRALinear}. Raises PeftConfigError for a bad config."""
-    check_lora_config(config)
-    targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+    reusing its weight. Returns {module name: LoRALinear}. Raises PeftConfigError for a target the model
+    does not have or a rank larger than a layer's width (the config checked its own fields)."""
+    targets = config.targets
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
               and name.rsplit(".", 1)[-1] in targets]
@@ -137,9 +125,13 @@ def install_lora(model: nn.Module, config) -> Dict[str, LoRALinear]:
 
     installed = {}
     for name, linear in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         lora = LoRALinear.from_linear(linear, config.rank, config.alpha, config.dropout)
-        setattr(parent, child, lora)
+        replace_module(model, name, lora)
         installed[name] = lora
     return installed
+
+
+def install(model: nn.Module, config: LoRAConfig, **_) -> dict:
+    """The registry's entry point: LoRA replaces sub-modules, so nothing is attached beside the base."""
+    install_lora(model, config)
+    return {}

@@ -34,21 +34,13 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-
-
-def _config_error(message: str) -> ValueError:
-    """A PeftConfigError from api.py (imported here, not at the top: api.py imports this module)."""
-    from .api import PeftConfigError
-    return PeftConfigError(message)
+from .config import PrefixConfig
 
 
 class PrefixKV(nn.Module):
     def __init__(self, model_cfg: ModelConfig, prefix_len: int, reparam_hidden: Optional[int] = 512):
         super().__init__()
-        if not isinstance(prefix_len, int) or prefix_len <= 0:
-            raise _config_error(f"PrefixConfig.prefix_len must be a positive integer, got {prefix_len!r}")
-        if reparam_hidden is not None and (not isinstance(reparam_hidden, int) or reparam_hidden <= 0):
-            raise _config_error(f"PrefixConfig.reparam_hidden must be a positive integer or None, got {reparam_hidden!r}")
+        PrefixConfig(prefix_len=prefix_len, reparam_hidden=reparam_hidden)   # checks both (PeftConfigError)
         self.prefix_len = prefix_len
         self.n_layers, self.n_kv_heads, self.head_dim = model_cfg.n_layers, model_cfg.n_kv_heads, model_cfg.head_dim
         self.kv_dim = model_cfg.kv_dim
@@ -64,6 +56,15 @@ class PrefixKV(nn.Module):
                 nn.Tanh(),
                 nn.Linear(reparam_hidden, self.n_layers * 2 * self.kv_dim),
             )
+
+    def adapter_params(self) -> dict:
+        """Everything here trains: the prefix tensors, or the embedding and the MLP that make them."""
+        return dict(self.named_parameters())
+
+    def saved_tensors(self) -> dict:
+        """An adapter folder holds the prefix folded: prefix_keys, prefix_values (L, G, P, hd)."""
+        keys, values = self.prefix_tensors()
+        return {"prefix_keys": keys.detach().contiguous().clone(), "prefix_values": values.detach().contiguous().clone()}
 
     @property
     def folded(self) -> bool:
@@ -101,3 +102,11 @@ class PrefixKV(nn.Module):
     def extra_repr(self) -> str:
         return (f"prefix_len={self.prefix_len}, n_layers={self.n_layers}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, reparam_hidden={self.reparam_hidden}, folded={self.folded}")
+
+
+def install(model: nn.Module, config: PrefixConfig, **_) -> dict:
+    """The registry's entry point: a PrefixKV attached beside the base as `prefix` (PeftModel feeds it to the
+    model as past_key_values)."""
+    embedding = model.tok_embeddings.weight
+    prefix = PrefixKV(model.config, config.prefix_len, config.reparam_hidden)
+    return {"prefix": prefix.to(device=embedding.device, dtype=embedding.dtype)}

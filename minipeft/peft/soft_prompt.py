@@ -26,13 +26,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..distributed import gathered
 from ..loss import IGNORE_INDEX
-
-
-def _config_error(message: str) -> ValueError:
-    """A PeftConfigError from api.py (imported here, not at the top: api.py imports this module)."""
-    from .api import PeftConfigError
-    return PeftConfigError(message)
+from .config import PeftConfigError, PromptConfig
 
 
 class SoftPrompt(nn.Module):
@@ -40,13 +36,16 @@ class SoftPrompt(nn.Module):
 
     def __init__(self, prompt_len: int, dim: int, init_weight: torch.Tensor):
         super().__init__()
-        if not isinstance(prompt_len, int) or prompt_len <= 0:
-            raise _config_error(f"PromptConfig.prompt_len must be a positive integer, got {prompt_len!r}")
+        PromptConfig(prompt_len=prompt_len, init="random")                # checks prompt_len (PeftConfigError)
         if tuple(init_weight.shape) != (prompt_len, dim):
-            raise _config_error(f"SoftPrompt init_weight has shape {tuple(init_weight.shape)}, "
+            raise PeftConfigError(f"SoftPrompt init_weight has shape {tuple(init_weight.shape)}, "
                                 f"expected (prompt_len, dim) = ({prompt_len}, {dim})")
         self.prompt_len, self.dim = prompt_len, dim
         self.weight = nn.Parameter(init_weight.detach().clone())                 # (P, d)
+
+    def adapter_params(self) -> dict:
+        """What prompt tuning trains: the prompt (P, d)."""
+        return {"weight": self.weight}
 
     def prepend(
         self,
@@ -86,8 +85,6 @@ def initial_weight(config, embedding: nn.Embedding, tokenizer=None,
     `tokenizer` (init="text" only) needs `encode(text, bos=False, eos=False) -> list[int]` (our Tokenizer).
     `generator` (a CPU torch.Generator) makes "random" and "vocab" reproducible."""
     prompt_len = config.prompt_len
-    if not isinstance(prompt_len, int) or prompt_len <= 0:
-        raise _config_error(f"PromptConfig.prompt_len must be a positive integer, got {prompt_len!r}")
     table = embedding.weight                                                       # (V, d)
     vocab_size, dim = table.shape
 
@@ -104,19 +101,25 @@ def initial_weight(config, embedding: nn.Embedding, tokenizer=None,
         return table.detach()[ids.to(table.device)].clone()                        # (P, d)
 
     if config.init == "text":
-        if not config.init_text:
-            raise _config_error('PromptConfig.init="text" needs a non-empty init_text')
         if tokenizer is None:
-            raise _config_error('PromptConfig.init="text" needs a tokenizer to turn init_text into token ids; '
+            raise PeftConfigError('PromptConfig.init="text" needs a tokenizer to turn init_text into token ids; '
                                 'pass tokenizer=... (or use init="vocab" / "random")')
         ids = list(tokenizer.encode(config.init_text, bos=False, eos=False))
         if not ids:
-            raise _config_error(f"PromptConfig.init_text {config.init_text!r} encodes to no tokens")
+            raise PeftConfigError(f"PromptConfig.init_text {config.init_text!r} encodes to no tokens")
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
-            raise _config_error(f"PromptConfig.init_text encodes to ids {bad[:5]} outside the model's "
+            raise PeftConfigError(f"PromptConfig.init_text encodes to ids {bad[:5]} outside the model's "
                                 f"vocabulary of {vocab_size}: tokenizer and model do not match")
         ids = (ids * math.ceil(prompt_len / len(ids)))[:prompt_len]                # repeat, then cut to P
         return table.detach()[torch.tensor(ids, device=table.device)].clone()      # (P, d)
 
-    raise _config_error(f'PromptConfig.init must be "random", "vocab" or "text", got {config.init!r}')
+    raise PeftConfigError(f'PromptConfig.init must be "random", "vocab" or "text", got {config.init!r}')
+
+
+def install(model: nn.Module, config: PromptConfig, *, tokenizer=None, generator=None, **_) -> dict:
+    """The registry's entry point: a SoftPrompt attached beside the base as `soft_prompt` (PeftModel puts it
+    in front of the input embeddings). Every init reads the embedding table, gathered under ZeRO-3."""
+    with gathered(model.tok_embeddings.weight):
+        weight = initial_weight(config, model.tok_embeddings, tokenizer=tokenizer, generator=generator)
+    return {"soft_prompt": SoftPrompt(config.prompt_len, model.config.dim, weight)}

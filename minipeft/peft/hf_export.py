@@ -1,0 +1,69 @@
+"""Export a LoRA adapter in Hugging Face peft's layout, for a transformers model of the same weights.
+
+    export_lora_to_hf_peft(model, "runs/lora-hf")        # then peft.PeftModel.from_pretrained(hf_model, folder)
+
+Writes adapter_config.json + adapter_model.safetensors with keys
+base_model.model.<HF module name>.lora_A.weight (r, d_in) and ...lora_B.weight (d_out, r).
+
+transformers stores LLaMA's q/k rows permuted for its half-split rotary (W_hf = Perm W_meta). The update of
+a q/k projection is Delta W_hf = Perm s B A = s (Perm B) A, so lora_B's rows are permuted (with n_heads for
+q, n_kv_heads for k) and lora_A is unchanged. The module names come from the one HF name table
+(checkpoint/hf_llama.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..fileio import write_json_atomic, write_safetensors_atomic
+from .api import lora_modules
+from .config import PeftConfigError
+from .peft_model import PeftModel
+
+
+def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
+    """Write `folder`/adapter_config.json + adapter_model.safetensors in Hugging Face peft's LoRA layout for a
+    transformers LlamaForCausalLM of the same weights (see the module docstring)."""
+    from ..checkpoint import ours_module_to_hf, permute_for_hf
+    modules = lora_modules(model, "export_lora_to_hf_peft")
+    cfg = model.base.config
+    tensors = {}
+    target_modules = set()
+    for name, lora in modules:
+        if lora.merged:
+            raise PeftConfigError(f"{name} is merged; unmerge() it before exporting (the export holds A and B "
+                                  "for the unmerged base weights)")
+        lora_B = lora.lora_B.detach()                                                  # (d_out, r)
+        if name.endswith("attention.wq"):
+            lora_B = permute_for_hf(lora_B, cfg.n_heads)
+        elif name.endswith("attention.wk"):
+            lora_B = permute_for_hf(lora_B, cfg.n_kv_heads)
+        hf_name = ours_module_to_hf(name)
+        target_modules.add(hf_name.rsplit(".", 1)[-1])
+        tensors[f"base_model.model.{hf_name}.lora_A.weight"] = lora.lora_A.detach()   # (r, d_in)
+        tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_B
+    config = model.peft_config
+    hf_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors_atomic(folder / "adapter_model.safetensors", tensors)
+    write_json_atomic(folder / "adapter_config.json", hf_config)
+    return folder

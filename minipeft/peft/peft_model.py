@@ -1,0 +1,199 @@
+"""PeftModel: a base decoder with one PEFT method installed, called exactly like the base.
+
+    model = apply_peft(base, LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")))
+    logits = model(tokens)                  # (B, T) -> (B, T, V), as base(tokens)
+    loss = model.loss(tokens, labels)       # next-token cross-entropy over the labels that count
+    print(model.report)                     # trainable vs total parameters
+
+The calling contract (the virtual tokens of prompt and prefix tuning are the wrapper's own business):
+- `tokens`, `attention_mask` and `position_ids` describe the caller's real tokens only. Positions count
+  real tokens from 0; a soft prompt or prefix of length P shifts them to P, P+1, ... and the wrapper puts
+  P ones in front of the attention mask.
+- The returned logits are aligned with the given tokens (a soft prompt's P positions are dropped).
+- `past_key_values` given back to it is the cache it returned (prefix / prompt keys already in front).
+
+Which parameters train is read from the modules themselves (replace.adapter_parameters: every module with
+adapter_params()), plus the base modules named in the config's `extra_trainable`, or everything for a
+method with trains_base (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..distributed import full_numel
+from ..loss import causal_lm_loss
+from .replace import adapter_parameters, adapter_saved_tensors
+
+
+@dataclass
+class TrainableReport:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} / {self.total:,} ({self.percent:.3f}%)"
+
+
+class PeftModel(nn.Module):
+    """A decoder with one PEFT method installed. See the module docstring for the calling contract.
+
+    Attributes: `base` (the decoder, with LoRA / adapter / LLaMA-Adapter modules inside it), `peft_config`,
+    `method`, `soft_prompt` (prompt tuning) or `prefix` (prefix tuning), `report`."""
+
+    def __init__(self, base: nn.Module, peft_config, trains_base: bool = False):
+        super().__init__()
+        self.base = base
+        self.peft_config = peft_config
+        self.method = peft_config.method
+        self.trains_base = trains_base
+
+    # -- what the method owns
+    @property
+    def config(self):
+        """The base model's ModelConfig."""
+        return self.base.config
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.base.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.base.gradient_checkpointing = value
+
+    @property
+    def soft_prompt_module(self):
+        return getattr(self, "soft_prompt", None)
+
+    @property
+    def prefix_module(self):
+        return getattr(self, "prefix", None)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """P: the soft prompt's or the prefix's length (0 for the other methods)."""
+        if self.soft_prompt_module is not None:
+            return self.soft_prompt_module.prompt_len
+        if self.prefix_module is not None:
+            return self.prefix_module.prefix_len
+        return 0
+
+    def _extra_names(self) -> set:
+        return {f"base.{m}.weight" for m in self.peft_config.extra_trainable}
+
+    def method_parameters(self) -> Dict[str, nn.Parameter]:
+        """name (as in self.named_parameters()) -> parameter, for every parameter the method trains."""
+        if self.trains_base:
+            return dict(self.named_parameters())
+        found = adapter_parameters(self)
+        extra = self._extra_names()
+        found.update({name: p for name, p in self.named_parameters() if name in extra})
+        return found
+
+    def is_method_parameter(self, name: str) -> bool:
+        """True for the parameters the method adds and trains (name as in self.named_parameters()), and for
+        the weights of the base modules in peft_config.extra_trainable."""
+        return name in self.method_parameters()
+
+    def set_trainable(self) -> None:
+        """requires_grad = True exactly for the method's parameters (every parameter for "full")."""
+        trained = self.method_parameters()
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in trained)
+
+    @property
+    def report(self) -> TrainableReport:
+        params = list(self.parameters())
+        return TrainableReport(trainable=sum(full_numel(p) for p in params if p.requires_grad),
+                               total=sum(full_numel(p) for p in params))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(full_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def adapter_state_dict(self) -> dict:
+        """The method's tensors by name (without the "base." prefix), detached, as an adapter folder stores
+        them (each module's saved_tensors(): a prefix folded, `prefix.prefix_keys` / `prefix.prefix_values`
+        (L, G, P, hd)). Modules in extra_trainable are included in full (tok_embeddings.weight (V, d), ...)."""
+        if self.trains_base:
+            tensors = {name: p.detach() for name, p in self.named_parameters()}
+        else:
+            tensors = adapter_saved_tensors(self)
+            extra = self._extra_names()
+            tensors.update({name: p.detach() for name, p in self.named_parameters() if name in extra})
+        return {name.removeprefix("base."): t for name, t in tensors.items()}
+
+    # -- forward
+    def forward(
+        self,
+        tokens: Optional[torch.Tensor] = None,         # (B, T) int64, real tokens only
+        *,
+        input_embeds: Optional[torch.Tensor] = None,   # (B, T, d), instead of tokens
+        past_key_values=None,                          # the cache this wrapper returned (virtual tokens in front)
+        start_pos: Optional[int] = None,               # position of the first real token, counting real tokens
+        position_ids: Optional[torch.Tensor] = None,   # (B, T) positions counting real tokens from 0
+        attention_mask: Optional[torch.Tensor] = None, # (B, S_past_real + T) or (B, T) over real tokens
+        use_cache: bool = False,
+        return_hidden: bool = False,                   # h_L (B, T, d) instead of logits (see base.head)
+    ):
+        """Same arguments and results as the base's forward; the P virtual tokens are added here."""
+        P = self.num_virtual_tokens
+        if P == 0:
+            return self.base(tokens, input_embeds=input_embeds, past_key_values=past_key_values,
+                             start_pos=start_pos, position_ids=position_ids, attention_mask=attention_mask,
+                             use_cache=use_cache, return_hidden=return_hidden)
+        if (tokens is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of tokens or input_embeds")
+        given = tokens if tokens is not None else input_embeds
+        B, T = given.shape[0], given.shape[1]
+        first_call = past_key_values is None
+        real_past_len = 0 if first_call else past_key_values[0][0].shape[2] - P
+
+        # Shift the caller's positions past the P virtual tokens.
+        if position_ids is not None:
+            position_ids = position_ids + P                                               # (B, T)
+        elif start_pos is not None:
+            start_pos = start_pos + P
+        if attention_mask is not None and attention_mask.shape[1] == real_past_len + T:
+            ones = attention_mask.new_ones(B, P)                                          # (B, P)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)                     # (B, P + S_real + T)
+        # (a (B, T) mask with a past is left as it is: the model treats every past key as real)
+
+        prompt_in_front = self.soft_prompt_module is not None and first_call
+        if self.prefix_module is not None and first_call:
+            past_key_values = self.prefix_module(B)                                       # per layer (B, G, P, hd)
+        if prompt_in_front:
+            embeds = input_embeds if input_embeds is not None else self.base.tok_embeddings(tokens)   # (B, T, d)
+            input_embeds, _, _ = self.soft_prompt_module.prepend(embeds)                  # (B, P + T, d)
+            tokens = None
+            if position_ids is not None or start_pos is not None:                         # prompt at 0..P-1
+                if position_ids is None:
+                    position_ids = torch.arange(start_pos, start_pos + T, device=given.device).expand(B, T)
+                prompt_positions = torch.arange(P, device=position_ids.device).expand(B, P)
+                position_ids = torch.cat([prompt_positions, position_ids], dim=1)        # (B, P + T)
+                start_pos = None
+
+        out = self.base(tokens, input_embeds=input_embeds, past_key_values=past_key_values, start_pos=start_pos,
+                        position_ids=position_ids, attention_mask=attention_mask, use_cache=use_cache,
+                        return_hidden=return_hidden)
+        if prompt_in_front:                                                               # drop the prompt's outputs
+            if use_cache:
+                return out[0][:, P:], out[1]
+            return out[:, P:]
+        return out
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
+             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy in float32 (minipeft/loss.py): logits[:, t] predicts labels[:, t+1],
+        positions with label -100 are skipped. tokens, labels (B, T) aligned."""
+        if labels.shape != tokens.shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the tokens' {tuple(tokens.shape)}")
+        return causal_lm_loss(self(tokens, attention_mask=attention_mask), labels)

@@ -1,0 +1,137 @@
+"""TrainConfig: everything a run needs to know, and the checks that stop a bad run before any work.
+
+The method's own hyper-parameters are not renamed here: `peft` holds the method's config dataclass
+(LoRAConfig(rank=8, ...), see minipeft/peft/config.py), which validates itself. TrainConfig holds the rest:
+data, model, optimisation, evaluation, checkpoints and DeepSpeed. Values that a DeepSpeed config may fix
+are None when not given on the command line (RUN_DEFAULTS fills them, see filled()).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..peft import METHODS, get_method
+from .learning_rates import REAL_BASE_LR
+
+# Values that a DeepSpeed config may fix; None in TrainConfig means "not given on the command line".
+RUN_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "fp32"}
+
+BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainError(ValueError):
+    """A training setup that cannot work (bad flag value, a DeepSpeed config contradicting the command line,
+    a checkpoint of another run); the message names the flag, key or file."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    train_data: Optional[str] = None      # Alpaca JSON / JSON Lines, or a tokenized file from prepare_data.py
+    val_data: Optional[str] = None        # None: a seeded split of train_data (val_fraction)
+    val_fraction: float = 0.1
+    max_seq_len: int = 256
+    train_on_prompt: bool = False
+    strict_data: bool = False
+    # model
+    model: Optional[str] = None           # our checkpoint folder; None = the shipped tiny model
+    tokenizer: Optional[str] = None       # default: <model>/tokenizer.model
+    base_dtype: str = "auto"              # frozen base weights: auto = float32 for fp32, else the half dtype
+    # method: its name and its config (None: the method's defaults); either one decides the other
+    method: Optional[str] = None          # "lora" when neither is given
+    peft: Optional[Any] = None            # LoRAConfig(...), PromptConfig(...), ... (minipeft.peft)
+    # optimisation (None = not given: the default, or the DeepSpeed config's value)
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    batch_size: Optional[int] = None
+    grad_accum: Optional[int] = None
+    max_grad_norm: Optional[float] = None
+    precision: Optional[str] = None
+    epochs: float = 3.0
+    max_steps: Optional[int] = None
+    warmup_ratio: float = 0.05
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: Optional[str] = None          # default: cuda if available, else cpu
+    # evaluation, logging, checkpoints
+    out: Optional[str] = None             # run folder; default runs/<method>-<timestamp>
+    eval_every: int = 0                   # 0: evaluate only at the end
+    eval_batch_size: int = 16
+    exact_match: bool = True              # greedy generation on the validation records at each evaluation
+    save_every: int = 0                   # 0: no periodic checkpoints
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None          # a checkpoint file, or a run folder (its latest checkpoint)
+    progress: bool = True
+    deepspeed: Optional[str] = None       # DeepSpeed JSON config
+    local_rank: Optional[int] = None      # set by the deepspeed launcher
+
+    def __post_init__(self):
+        if self.peft is not None:
+            given = getattr(self.peft, "method", None)
+            if self.method is not None and self.method != given:
+                raise TrainError(f"method is {self.method!r} but peft is a {type(self.peft).__name__} "
+                                 f"(method {given!r}); give one of them, or make them agree")
+            self.method = given
+        elif self.method is None:
+            self.method = "lora"
+
+    @property
+    def peft_config(self):
+        """The method's config: `peft`, or the method's defaults."""
+        return self.peft if self.peft is not None else get_method(self.method, "--method").config_class()
+
+    def filled(self) -> "TrainConfig":
+        """A copy with the defaults in place of the values not given (the method's default config, RUN_DEFAULTS,
+        and the learning-rate table for a real base)."""
+        values = {k: v for k, v in RUN_DEFAULTS.items() if getattr(self, k) is None}
+        if self.peft is None:
+            values["peft"] = self.peft_config
+        if self.lr is None:
+            if self.method not in REAL_BASE_LR:
+                raise TrainError(f"--lr: method {self.method!r} has no default learning rate; give --lr")
+            values["lr"] = REAL_BASE_LR[self.method]
+        return dataclasses.replace(self, **values)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Flag values that cannot work -> TrainError before anything is loaded. (The method's own settings
+    were checked by its config dataclass when it was made.)"""
+    def need(condition, message):
+        if not condition:
+            raise TrainError(message)
+    need(cfg.method in METHODS, f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+    need(cfg.precision in (None, "fp32", "bf16", "fp16"), f"--precision {cfg.precision!r}: expected fp32, bf16 or fp16")
+    for name in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size"):
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}")
+    need(cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}")
+    need(cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(0.0 <= cfg.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    need(cfg.save_every >= 0 and cfg.eval_every >= 0, "--save-every and --eval-every must be >= 0")
+    need(cfg.base_dtype in BASE_DTYPES, f"--base-dtype {cfg.base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
+    for name in ("train_data", "val_data", "deepspeed"):
+        path = getattr(cfg, name)
+        need(path is None or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: file not found")
+
+
+def base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the frozen base weights are loaded in. "auto": float32 for fp32 training, else the
+    precision's half dtype, so a 7B base takes 2 bytes per parameter. Trainable parameters are always kept
+    in float32 (see Trainer), which autocast and the fp16 loss scaler need."""
+    if cfg.base_dtype != "auto":
+        return BASE_DTYPES[cfg.base_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+
+
+def peft_config_from(cfg: TrainConfig):
+    """The method's config dataclass of a run (its `peft`, or the method's defaults)."""
+    return cfg.peft_config

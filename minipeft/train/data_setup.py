@@ -1,0 +1,65 @@
+"""The data of a run: the training and validation files read, encoded and reported.
+
+A data file is Alpaca records (JSON list or JSON Lines, rendered by data.AlpacaEncoder, the prompt masked) or
+a tokenized file written by tools/prepare_data.py (used as written). Without --val-data the validation
+records are a seeded split of the training file. The report says what was read, cut and skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from ..data import AlpacaEncoder, DataError, Example, Record, load_tokenized, read_records, train_val_split
+
+
+@dataclass
+class RunData:
+    train: List[Example]
+    val: List[Example]
+    val_records: List[Record] = field(default_factory=list)   # empty for tokenized files (no exact match)
+    report: List[str] = field(default_factory=list)           # lines saying what was read, cut, skipped
+
+
+def _read_examples(path, encoder: AlpacaEncoder, strict: bool, report: List[str]):
+    """A data file -> (examples, records or None). Tokenized files (prepare_data.py) are used as written."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline()
+    if '"minipeft_tokenized"' in first:
+        examples, header = load_tokenized(path)
+        if header.get("max_seq_len", 0) > encoder.max_seq_len:
+            examples = [e for e in examples if len(e.input_ids) <= encoder.max_seq_len]
+        report.append(f"{path}: {len(examples)} tokenized examples")
+        return examples, None
+    records, problems = read_records(path, strict=strict)
+    for problem in problems:
+        report.append(f"{path}: skipped {problem}")
+    return records, problems
+
+
+def load_run_data(cfg, tokenizer) -> RunData:
+    """The RunData of a TrainConfig: its train_data / val_data (or split) encoded with `tokenizer`."""
+    encoder = AlpacaEncoder(tokenizer, cfg.max_seq_len, train_on_prompt=cfg.train_on_prompt)
+    report: List[str] = []
+
+    def encode(records, name):
+        examples, stats = encoder.encode_all(records)
+        report.append(f"{name}: {stats.summary()}")
+        if stats.dropped_indices:
+            report.append(f"{name}: dropped records (too long for --max-seq-len {cfg.max_seq_len}): "
+                          f"{stats.dropped_indices[:20]}")
+        return examples
+
+    train_items, train_problems = _read_examples(cfg.train_data, encoder, cfg.strict_data, report)
+    train_is_records = train_problems is not None
+    if cfg.val_data is not None:
+        val_items, val_problems = _read_examples(cfg.val_data, encoder, cfg.strict_data, report)
+        val_is_records = val_problems is not None
+    else:
+        train_items, val_items = train_val_split(train_items, cfg.val_fraction, cfg.seed)
+        val_is_records = train_is_records
+    train = encode(train_items, "train") if train_is_records else train_items
+    val = encode(val_items, "validation") if val_is_records else val_items
+    if not train:
+        raise DataError(f"{cfg.train_data}: no usable training examples")
+    return RunData(train=train, val=val, val_records=list(val_items) if val_is_records else [], report=report)

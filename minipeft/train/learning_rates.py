@@ -1,0 +1,22 @@
+"""Default peak learning rates per method: the one home of these tables, read by tools/finetune.py (through
+TrainConfig.filled) and tools/compare_methods.py. Each says which base and budget it was tuned for; methods
+that train few parameters need larger rates.
+"""
+
+# A real LLaMA base (7B), the usual values in the literature: Alpaca's 2e-5 for full fine-tuning,
+# alpaca-lora's 3e-4 for LoRA (the same for Houlsby adapters), the LLaMA-Adapter paper's 9e-3, 3e-2 for
+# prompt tuning and 1e-2 for prefix tuning.
+REAL_BASE_LR = {"full": 2e-5, "lora": 3e-4, "prompt": 3e-2, "prefix": 1e-2, "adapter": 3e-4,
+                "llama_adapter": 9e-3}
+
+# The shipped tiny model (minipeft/assets/tiny-llama) on the demo tasks, for the main job (tools/finetune.py
+# with no --model: 600 steps of batch 8). lessons/08_comparison's sweep chose these, except LoRA's, which was
+# tuned on the main job itself (6e-3: validation loss 2.32 vs 2.96 at 2e-3).
+TINY_MODEL_LR = {"full": 1e-3, "lora": 6e-3, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
+                 "llama_adapter": 0.27}
+
+# The shipped tiny model, for tools/compare_methods.py's default budget (one epoch of 400 examples): the
+# rates its own one-epoch sweep chose (lessons/08_comparison/results.json). LoRA's best rate differs from
+# the main job's because the budget does: over one short epoch a larger rate wins.
+TINY_COMPARISON_LR = {"full": 1e-3, "lora": 1e-2, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
+                      "llama_adapter": 0.27}

@@ -1,0 +1,55 @@
+"""Everything before the first step, in the order that stops bad input early: the flags, the DeepSpeed
+config (against the command line), the tokenizer, the data, the process group, the base model; and the
+trainer that fits the run (plain, or DeepSpeed).
+
+    cfg, ds_config, base, tokenizer, data = prepare_run(cfg)
+    trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..checkpoint import load_model
+from ..tokenizer import Tokenizer
+from .config import TrainConfig, TrainError, base_dtype, check_config
+from .data_setup import RunData, load_run_data
+from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
+from .deepspeed_config import get_path, load_deepspeed_config, resolve_deepspeed_config
+from .loop import Trainer
+
+
+def prepare_run(cfg: TrainConfig):
+    """Returns (filled cfg, ds_config or None, base model, tokenizer, RunData)."""
+    check_config(cfg)
+    ds_config = None
+    if cfg.deepspeed is not None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ds_config, cfg = resolve_deepspeed_config(load_deepspeed_config(cfg.deepspeed), cfg, world_size,
+                                                  source=f"--deepspeed {cfg.deepspeed}")
+    cfg = cfg.filled()
+    if cfg.model is None:
+        raise TrainError("--model is required here (tools/finetune.py fills in the shipped tiny model)")
+    tokenizer_path = cfg.tokenizer or str(Path(cfg.model) / "tokenizer.model")
+    if not Path(tokenizer_path).is_file():
+        raise TrainError(f"tokenizer {tokenizer_path} not found; give --tokenizer")
+    tokenizer = Tokenizer(tokenizer_path)
+    data = load_run_data(cfg, tokenizer)
+    if cfg.deepspeed is not None:
+        init_distributed_for_deepspeed()
+    if get_path(ds_config or {}, ("zero_optimization", "stage")) == 3:
+        base = load_base_partitioned(cfg, ds_config)
+    else:
+        base = load_model(cfg.model, dtype=base_dtype(cfg))
+    return cfg, ds_config, base, tokenizer, data
+
+
+def build_trainer(cfg: TrainConfig, base_model, tokenizer, data: RunData, ds_config: Optional[dict] = None):
+    """A Trainer for a plain run, a DeepSpeedTrainer when the run has a DeepSpeed config."""
+    if cfg.deepspeed is None:
+        return Trainer(cfg, base_model, tokenizer, data)
+    if ds_config is None:
+        raise TrainError(f"--deepspeed {cfg.deepspeed}: build the trainer with the config prepare_run returned")
+    return DeepSpeedTrainer(cfg, base_model, tokenizer, data, ds_config)

@@ -1,0 +1,112 @@
+"""The package's shape, checked from its source: no import cycle anywhere in minipeft (built with ast from
+every import, the ones inside functions included), no file over 400 lines, the plain training loop under 300,
+and model.py free of PEFT."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "minipeft"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def resolve(importer: str, is_package: bool, level: int, target) -> str:
+    """The absolute module an import names (relative ones resolved against the importer)."""
+    if level == 0:
+        return target or ""
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def import_graph() -> dict:
+    """module -> set of minipeft modules it imports (`from X import name` of a submodule counts as X.name)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = resolve(name, is_package, node.level, node.module)
+                submodules = [f"{source}.{alias.name}" for alias in node.names if f"{source}.{alias.name}" in modules]
+                # `from . import lora` imports the module lora; `from .config import X` imports config
+                targets = submodules if len(submodules) == len(node.names) else [source] + submodules
+            for target in targets:
+                if target in modules and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycle(graph: dict):
+    """A list of modules forming a cycle, or None (depth-first search with colours)."""
+    colour, stack = {}, []
+
+    def visit(node):
+        colour[node] = "grey"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if colour.get(nxt) == "grey":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in colour:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        colour[node] = "black"
+        return None
+
+    for node in sorted(graph):
+        if node not in colour:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_import_graph_sees_relative_and_late_imports():
+    graph = import_graph()
+    assert "minipeft.peft.config" in graph["minipeft.peft.lora"]            # from .config import ...
+    assert "minipeft.checkpoint" in graph["minipeft.peft.save_load"]        # a late import inside a function
+
+
+def test_no_import_cycle_in_the_package():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_dependencies_flow_one_way():
+    graph = import_graph()
+    for name, imported in graph.items():
+        if name.startswith("minipeft.peft"):
+            assert not any(t.startswith("minipeft.train") for t in imported), name
+        if not name.startswith(("minipeft.train", "minipeft.peft")) and name != "minipeft":
+            assert not any(t.startswith(("minipeft.train", "minipeft.peft")) for t in imported), name
+
+
+def test_file_sizes():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"files over 400 lines: {long}"
+    loop_lines = len((PACKAGE / "train" / "loop.py").read_text().splitlines())
+    assert loop_lines < 300, loop_lines
+
+
+def test_model_knows_no_peft():
+    """model.py: no import from the PEFT package and no method named in its code (its docstring may)."""
+    assert not any(t.startswith("minipeft.peft") for t in import_graph()["minipeft.model"])
+    code = (PACKAGE / "model.py").read_text().split('"""', 2)[2].lower()      # after the module docstring
+    for word in ("peft", "lora", "adapter", "soft_prompt"):
+        assert word not in code, word
