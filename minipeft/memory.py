@@ -22,6 +22,8 @@ Parameters Psi by family (V vocab, L layers, d, f, H heads, kv = G * hd), `param
 
 from __future__ import annotations
 
+import torch
+
 from .config import ModelConfig
 
 WEIGHT_16 = 2    # bytes: the bf16/fp16 copy of every parameter, used in forward and backward
@@ -108,9 +110,10 @@ def parameter_count(cfg: ModelConfig) -> dict:
     """Psi from the formulas above, by part: {"embedding", "output", "blocks", "norms", "total"} (the
     embedding LayerNorm and the final norm are in "norms"; BLOOM's tied output counts 0)."""
     d, f, V, L, H, hd, kv = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.kv_dim
-    if cfg.family == "llama":
+    if cfg.family in ("llama", "chatglm2"):
+        qkv_bias = (H * hd + 2 * kv) if cfg.qkv_bias else 0                      # ChatGLM2's q, k, v biases
         parts = {"embedding": V * d, "output": V * d, "norms": d,
-                 "blocks": L * (2 * d * H * hd + 2 * d * kv + 3 * d * f + 2 * d)}
+                 "blocks": L * (2 * d * H * hd + 2 * d * kv + qkv_bias + 3 * d * f + 2 * d)}
     elif cfg.family == "bloom":
         attention = (3 * d * d + 3 * d) + (d * d + d)                 # wqkv, wo (with biases)
         feed_forward = (d * f + f) + (f * d + d)                      # w1, w2 (with biases)
@@ -151,7 +154,11 @@ def closed_form_trainable(cfg: ModelConfig, method: str, **hyper) -> int:
     (2 d m + d + m); llama_adapter: L_top * (K * d + H); full: everything (parameter_count)."""
     d, L, kv = cfg.dim, cfg.n_layers, cfg.kv_dim
     if method == "full":
-        return parameter_count(cfg)["total"]
+        if cfg.family in ("llama", "chatglm2", "bloom"):
+            return parameter_count(cfg)["total"]
+        from .families import build_model                  # no closed form written for this family: count
+        with torch.device("meta"):
+            return build_model(cfg).num_parameters()
     if method == "lora":
         shapes = lora_target_shapes(cfg)
         return L * sum(hyper["rank"] * (shapes[t][0] + shapes[t][1]) for t in hyper["targets"])

@@ -143,7 +143,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert math.isclose(cfg.ffn_hidden_dim, 4 * 32)
 
 
-@pytest.mark.parametrize("name", ["bloom-7b1", "llama-7b", "chinese-llama-7b", "tiny"])
+@pytest.mark.parametrize("name", ["bloom-7b1", "llama-7b", "chinese-llama-7b", "tiny", "chatglm2-6b"])
 def test_parameter_formula_equals_the_model(name):
     from minipeft.memory import closed_form_trainable, parameter_count, vocabulary_share
     cfg = ModelConfig.from_name(name)

@@ -9,6 +9,9 @@ transformers stores LLaMA's q/k rows permuted for its half-split rotary (W_hf = 
 a q/k projection is Delta W_hf = Perm s B A = s (Perm B) A, so lora_B's rows are permuted (with n_heads for
 q, n_kv_heads for k) and lora_A is unchanged. The module names come from the one HF name table
 (checkpoint/hf_llama.py).
+
+BLOOM (transformers BloomForCausalLM): names from checkpoint/hf_bloom.py (our fused wqkv is peft's
+query_key_value, with the same per-head [q_h, k_h, v_h] rows), and no permutation: BLOOM has no rotary.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ from .peft_model import PeftModel
 
 def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
     """Write `folder`/adapter_config.json + adapter_model.safetensors in Hugging Face peft's LoRA layout for a
-    transformers LlamaForCausalLM of the same weights (see the module docstring)."""
-    from ..checkpoint import ours_module_to_hf, permute_for_hf
+    transformers LlamaForCausalLM (BloomForCausalLM for a BLOOM) of the same weights (see the module docstring)."""
+    from ..checkpoint import bloom_module_to_hf, ours_module_to_hf, permute_for_hf
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
+    if cfg.family not in ("llama", "bloom"):
+        raise PeftConfigError(f"export_lora_to_hf_peft: no Hugging Face name table for family {cfg.family!r} "
+                              "(llama and bloom have one)")
+    module_to_hf = bloom_module_to_hf if cfg.family == "bloom" else ours_module_to_hf
     tensors = {}
     target_modules = set()
     for name, lora in modules:
@@ -34,11 +41,11 @@ def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
             raise PeftConfigError(f"{name} is merged; unmerge() it before exporting (the export holds A and B "
                                   "for the unmerged base weights)")
         lora_B = lora.lora_B.detach()                                                  # (d_out, r)
-        if name.endswith("attention.wq"):
+        if cfg.family == "llama" and name.endswith("attention.wq"):
             lora_B = permute_for_hf(lora_B, cfg.n_heads)
-        elif name.endswith("attention.wk"):
+        elif cfg.family == "llama" and name.endswith("attention.wk"):
             lora_B = permute_for_hf(lora_B, cfg.n_kv_heads)
-        hf_name = ours_module_to_hf(name)
+        hf_name = module_to_hf(name)
         target_modules.add(hf_name.rsplit(".", 1)[-1])
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = lora.lora_A.detach()   # (r, d_in)
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_B

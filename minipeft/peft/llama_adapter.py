@@ -27,6 +27,12 @@ so its keys/values have the scale of real ones; this is what the official LLaMA-
 peft do. It must be random rather than zeros: zero prompt keys give a uniform softmax over identical zero
 values, A_p = 0, and then neither the gate nor the prompt would ever receive a gradient. At step one only
 the gate gets a gradient (the prompt's is exactly 0 because gate = tanh(0) = 0, while dtanh/dg = 1 at 0).
+
+On BLOOM (bloom.py) the layer's projection is the fused wqkv (with bias): k_p, v_p are the k and v slices of
+wqkv(P), and the real scores carry ALiBi's m_h (j - i) while the prompt's carry no position bias at all
+(the prompt has no position, as on LLaMA it gets no rotation). Hugging Face peft's adaption prompt supports
+only LLaMA-style models (q_proj/k_proj/v_proj), so on BLOOM there is no peer: the tests check this layer
+against a float64 computation instead.
 """
 
 from __future__ import annotations
@@ -37,25 +43,19 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from ..bloom import BloomAttention
 from ..model import Attention
 from .config import GATE_KINDS, LlamaAdapterConfig, PeftConfigError  # noqa: F401  (GATE_KINDS: the gate forms)
 
 
-class GatedAdapterPrompt(Attention):
-    """An Attention that reuses a frozen layer's wq/wk/wv/wo and adds the gated adaption-prompt term.
+class AdaptionPrompt:
+    """The gated prompt term shared by every family's adapted attention: the prompt and gate parameters,
+    A_p and `attend` = the family's own attention + the gated term. A family class supplies
+    `prompt_keys_values()` -> k_p, v_p each (G, K, hd), computed with no position."""
 
-    Attention.forward runs unchanged; only `attend` adds the prompt term. Same call signature and cache.
-    Attention.__init__ is deliberately not called: it would build new projections, and the point is to keep
-    the layer's own modules (so their names stay `attention.wq.weight`, ...)."""
-
-    def __init__(self, attention: Attention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
-        nn.Module.__init__(self)
+    def _add_prompt(self, prompt_len: int, gate: str, dim: int, weight: torch.Tensor, init_std: float) -> None:
         LlamaAdapterConfig(prompt_len=prompt_len, gate=gate)                # checks both (PeftConfigError)
-        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
         self.prompt_len, self.gate_kind = prompt_len, gate
-        weight = attention.wq.weight                                                   # for device and dtype
-        dim = attention.wq.in_features        # not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
         prompt = torch.empty(prompt_len, dim, device=weight.device, dtype=weight.dtype)
         self.adapter_prompt = nn.Parameter(prompt.normal_(0.0, init_std))                  # (K, d)
         self.adapter_gate = nn.Parameter(torch.zeros(self.n_heads, device=weight.device, dtype=weight.dtype))
@@ -69,21 +69,18 @@ class GatedAdapterPrompt(Attention):
         return torch.tanh(self.adapter_gate) if self.gate_kind == "tanh" else self.adapter_gate
 
     def prompt_attention(self, q: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, hd) rotated queries -> gate * softmax(q k_p^T / sqrt(hd)) v_p, (B, H, T, hd) in q's dtype."""
-        K, G, hd = self.prompt_len, self.n_kv_heads, self.head_dim
-        repeats = self.n_heads // G
-        prompt = self.adapter_prompt.to(self.wk.weight.dtype)                           # (K, d)
-        prompt_k = self.wk(prompt).view(K, G, hd).transpose(0, 1)                       # (G, K, hd), no RoPE
-        prompt_v = self.wv(prompt).view(K, G, hd).transpose(0, 1)                       # (G, K, hd)
+        """q (B, H, T, hd) -> gate * softmax(q k_p^T / sqrt(hd)) v_p, (B, H, T, hd) in q's dtype."""
+        repeats = self.n_heads // self.n_kv_heads
+        prompt_k, prompt_v = self.prompt_keys_values()                                 # (G, K, hd) each
         prompt_k = prompt_k.repeat_interleave(repeats, dim=0).float()                  # (H, K, hd)
         prompt_v = prompt_v.repeat_interleave(repeats, dim=0).float()                  # (H, K, hd)
-        scores = q.float() @ prompt_k.transpose(-1, -2) / math.sqrt(hd)                # (B, H, T, K)
+        scores = q.float() @ prompt_k.transpose(-1, -2) / math.sqrt(self.head_dim)    # (B, H, T, K)
         probs = torch.softmax(scores, dim=-1)                                          # (B, H, T, K) float32
         gated = probs * self.gate_values().float().view(1, -1, 1, 1)                   # (B, H, T, K)
         return (gated @ prompt_v).to(q.dtype)                                          # (B, H, T, hd)
 
     def attend(self, q, k, v, mask):
-        """The layer's own attention plus the gated prompt term, (B, H, T, hd); Attention.forward does the
+        """The layer's own attention plus the gated prompt term, (B, H, T, hd); the family's forward does the
         rest (projections, cache, wo), so the cache and the call signature are the base layer's."""
         return super().attend(q, k, v, mask) + self.prompt_attention(q)
 
@@ -91,11 +88,52 @@ class GatedAdapterPrompt(Attention):
         return f"prompt_len={self.prompt_len}, n_heads={self.n_heads}, gate={self.gate_kind!r}"
 
 
-def install_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> List[str]:
-    """Replace layers[i].attention by a GatedAdapterPrompt for the top L layers of `model` (in place).
+class GatedAdapterPrompt(AdaptionPrompt, Attention):
+    """A LLaMA Attention that reuses a frozen layer's wq/wk/wv/wo and adds the gated adaption-prompt term.
 
-    L = config.adapter_layers, or min(30, n_layers) when None. Returns the names of the new trainable
-    parameters (`layers.{i}.attention.adapter_prompt`, `layers.{i}.attention.adapter_gate`)."""
+    Attention.forward runs unchanged; only `attend` adds the prompt term. Same call signature and cache.
+    Attention.__init__ is deliberately not called: it would build new projections, and the point is to keep
+    the layer's own modules (so their names stay `attention.wq.weight`, ...)."""
+
+    def __init__(self, attention: Attention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
+        nn.Module.__init__(self)
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        # in_features, not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
+        self._add_prompt(prompt_len, gate, attention.wq.in_features, attention.wq.weight, init_std)
+
+    def prompt_keys_values(self):
+        """k_p = wk(P), v_p = wv(P), each (G, K, hd), not rotated."""
+        K, G, hd = self.prompt_len, self.n_kv_heads, self.head_dim
+        prompt = self.adapter_prompt.to(self.wk.weight.dtype)                           # (K, d)
+        return (self.wk(prompt).view(K, G, hd).transpose(0, 1),                         # (G, K, hd)
+                self.wv(prompt).view(K, G, hd).transpose(0, 1))
+
+
+class BloomGatedAdapterPrompt(AdaptionPrompt, BloomAttention):
+    """A BLOOM attention that reuses a frozen layer's wqkv/wo and adds the gated adaption-prompt term; the
+    real scores keep their ALiBi bias, the prompt's get none."""
+
+    def __init__(self, attention: BloomAttention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
+        nn.Module.__init__(self)
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        self.wqkv, self.wo = attention.wqkv, attention.wo
+        self._add_prompt(prompt_len, gate, attention.wqkv.in_features, attention.wqkv.weight, init_std)
+
+    def prompt_keys_values(self):
+        """The k and v slices of wqkv(P) (bias included), each (H, K, hd); no position, no ALiBi."""
+        prompt = self.adapter_prompt.to(self.wqkv.weight.dtype)[None]                 # (1, K, d)
+        _, prompt_k, prompt_v = self.project(prompt)                                  # (1, H, K, hd) each
+        return prompt_k[0], prompt_v[0]
+
+
+ADAPTED_ATTENTION = ((BloomAttention, BloomGatedAdapterPrompt), (Attention, GatedAdapterPrompt))
+
+
+def install_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> List[str]:
+    """Replace layers[i].attention by its family's gated adapted attention for the top L layers of `model`
+    (in place). L = config.adapter_layers, or min(30, n_layers) when None. Returns the names of the new
+    trainable parameters (`layers.{i}.attention.adapter_prompt`, `layers.{i}.attention.adapter_gate`)."""
     n_layers = len(model.layers)
     adapter_layers = config.adapter_layers if config.adapter_layers is not None else min(30, n_layers)
     if not 1 <= adapter_layers <= n_layers:
@@ -104,9 +142,13 @@ def install_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> List[
     names = []
     for i in range(n_layers - adapter_layers, n_layers):
         block = model.layers[i]
-        if isinstance(block.attention, GatedAdapterPrompt):
+        if isinstance(block.attention, AdaptionPrompt):
             raise PeftConfigError(f"layer {i} already has a LLaMA-Adapter prompt; install it only once")
-        block.attention = GatedAdapterPrompt(block.attention, config.prompt_len, config.gate)
+        adapted = next((new for old, new in ADAPTED_ATTENTION if isinstance(block.attention, old)), None)
+        if adapted is None:
+            raise PeftConfigError(f"layer {i}: LLaMA-Adapter has no adapted attention for "
+                                  f"{type(block.attention).__name__}")
+        block.attention = adapted(block.attention, config.prompt_len, config.gate)
         names += [f"layers.{i}.attention.adapter_prompt", f"layers.{i}.attention.adapter_gate"]
     return names
 
