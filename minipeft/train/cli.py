@@ -61,7 +61,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict-data", action="store_true", help="stop at the first malformed record instead of skipping it")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="our checkpoint folder (default: the shipped tiny-llama)")
-    g.add_argument("--tokenizer", help="SentencePiece model (default: <model>/tokenizer.model)")
+    g.add_argument("--tokenizer", help="tokenizer file (default: <model>/tokenizer.model, or <model>/tokenizer.json for BLOOM)")
     g.add_argument("--base-dtype", default=d.base_dtype, choices=tuple(BASE_DTYPES),
                    help="dtype of the frozen base weights; auto: float32 with --precision fp32, else bf16/fp16 "
                    "to match (trainable parameters stay float32)")

@@ -40,7 +40,7 @@ class TrainConfig:
     strict_data: bool = False
     # model
     model: Optional[str] = None           # our checkpoint folder; None = the shipped tiny model
-    tokenizer: Optional[str] = None       # default: <model>/tokenizer.model
+    tokenizer: Optional[str] = None       # default: <model>/tokenizer.model, else <model>/tokenizer.json
     base_dtype: str = "auto"              # frozen base weights: auto = float32 for fp32, else the half dtype
     # method: its name and its config (None: the method's defaults); either one decides the other
     method: Optional[str] = None          # "lora" when neither is given

@@ -8,12 +8,15 @@ trainer that fits the run (plain, or DeepSpeed).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import load_model
-from ..tokenizer import Tokenizer
+from ..checkpoint import folder_tokenizer, load_model, open_checkpoint
+from ..peft import LoRAConfig
+from ..peft.config import FAMILY_DEFAULT_LORA_TARGETS
+from ..tokenizer import tokenizer_for
 from .config import TrainConfig, TrainError, base_dtype, check_config
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
@@ -32,10 +35,13 @@ def prepare_run(cfg: TrainConfig):
     cfg = cfg.filled()
     if cfg.model is None:
         raise TrainError("--model is required here (tools/finetune.py fills in the shipped tiny model)")
-    tokenizer_path = cfg.tokenizer or str(Path(cfg.model) / "tokenizer.model")
+    # the model folder's own tokenizer (tokenizer.model, or BLOOM's tokenizer.json), read as its family reads it
+    tokenizer_path = cfg.tokenizer or folder_tokenizer(Path(cfg.model)) or Path(cfg.model) / "tokenizer.model"
     if not Path(tokenizer_path).is_file():
         raise TrainError(f"tokenizer {tokenizer_path} not found; give --tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+    family = open_checkpoint(cfg.model).config().family
+    cfg = with_family_defaults(cfg, family)
+    tokenizer = tokenizer_for(family, tokenizer_path)
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
@@ -44,6 +50,15 @@ def prepare_run(cfg: TrainConfig):
     else:
         base = load_model(cfg.model, dtype=base_dtype(cfg))
     return cfg, ds_config, base, tokenizer, data
+
+
+def with_family_defaults(cfg: TrainConfig, family: str) -> TrainConfig:
+    """LoRA left at its default targets (wq, wv) on a family that fuses q, k, v takes that family's default
+    (BLOOM: wqkv, as HF peft's query_key_value)."""
+    peft = cfg.peft
+    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets and family in FAMILY_DEFAULT_LORA_TARGETS:
+        return dataclasses.replace(cfg, peft=dataclasses.replace(peft, targets=FAMILY_DEFAULT_LORA_TARGETS[family]))
+    return cfg
 
 
 def build_trainer(cfg: TrainConfig, base_model, tokenizer, data: RunData, ds_config: Optional[dict] = None):
