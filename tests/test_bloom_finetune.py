@@ -74,3 +74,5 @@ def test_finetune_cli_every_method_on_bloom(ws, tmp_path, capsys, precision):
         assert (out / "adapter" / "adapter_config.json").is_file(), method
         steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(s["loss"]) for s in steps if "loss" in s), method
+        if method == "lora":       # LoRA's default targets (wq, wv) become BLOOM's fused query_key_value
+            assert json.loads((out / "train_config.json").read_text())["peft"]["targets"] == ["wqkv"]
