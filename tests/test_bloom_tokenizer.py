@@ -4,7 +4,7 @@ trips of English, Chinese and emoji, special ids, dispatch from Tokenizer(path),
 import pytest
 from tokenizers import Tokenizer as LibraryTokenizer
 
-from minipeft.bpe_tokenizer import ByteLevelBPETokenizer
+from minipeft.tokenizer import ByteLevelBPETokenizer
 from minipeft.tokenizer import Tokenizer, TokenizerError
 from helpers_bloom import train_tiny_bpe
 

@@ -109,8 +109,7 @@ def torch_load(path: Path) -> dict:
 def tokenizer_vocab_size(path: Path) -> int:
     """Number of pieces in a SentencePiece model file, or of ids in a tokenizer.json (with added tokens)."""
     if Path(path).suffix == ".json":
-        from ..bpe_tokenizer import tokenizer_json_size
-        from ..tokenizer import TokenizerError
+        from ..tokenizer import TokenizerError, tokenizer_json_size
         try:
             return tokenizer_json_size(Path(path))
         except TokenizerError as e:
