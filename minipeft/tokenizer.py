@@ -15,7 +15,7 @@ Ids are those of `SentencePieceProcessor.encode(text)`, with `bos_id` put in fro
 when asked.
 
 ChatGLM's tokenizers (tokenizer_chatglm.py) keep this interface: `encode(text, bos=True)` marks a *prompt* the
-way the family does and `eos=True` ends a *response*; `tokenizer_for(family, path)` picks the class.
+way the family does and `eos=True` ends a *response*; `families.tokenizer_for(family, path)` picks the class.
 """
 
 from __future__ import annotations
@@ -128,12 +128,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def tokenizer_for(family: str, model_path) -> Tokenizer:
-    """The tokenizer class of a model family ("llama", "chatglm", "chatglm2") on a SentencePiece file."""
-    from .tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
-    classes = {"llama": Tokenizer, "chatglm": ChatGLMTokenizer, "chatglm2": ChatGLM2Tokenizer}
-    if family not in classes:
-        raise TokenizerError(f"no tokenizer for family {family!r}; expected one of {sorted(classes)}")
-    return classes[family](model_path)

@@ -21,7 +21,8 @@ from minipeft.checkpoint import DTYPES, load_model  # noqa: E402
 from minipeft.data import PROMPT_FORMATS  # noqa: E402
 from minipeft.generate import generate  # noqa: E402
 from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.tokenizer import Tokenizer, tokenizer_for  # noqa: E402
+from minipeft.families import tokenizer_for  # noqa: E402
+from minipeft.tokenizer import Tokenizer  # noqa: E402
 
 
 def main(argv=None) -> int:

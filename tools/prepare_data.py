@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                         help="the model family: its tokenizer rules and chat format (default llama: Alpaca)")
     args = parser.parse_args(argv)
 
-    from minipeft.tokenizer import tokenizer_for
+    from minipeft.families import tokenizer_for
     tokenizer_path = args.tokenizer or default_tokenizer()
     out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
     try:
