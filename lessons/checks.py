@@ -29,11 +29,18 @@ def check(name, got, expected, tol=0.0):
     err = (got - expected).abs().max().item()
     print(f"  [{'ok' if err <= tol else 'FAIL'}] {name}: got {_value(got)}, expected {_value(expected)}"
           f"   (max |diff| {err:.1e}, tol {tol:.0e})")
-    assert err <= tol, f"{name}: max |diff| {err:.3e} exceeds {tol:.1e} (got {got.tolist()}, expected {expected.tolist()})"
+    assert err <= tol, f"{name}: max |diff| {err:.3e} exceeds {tol:.1e} (got {_value(got)}, expected {_value(expected)})"
 
 
 def _shown(value) -> str:
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{value}"
+    """Integers with thousands separators; long lists and texts cut to their start."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"[{', '.join(map(str, value[:6]))}, ... ({len(value)} items)]"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:40]) + f"... ({len(value)} characters)"
+    return f"{value}"
 
 
 def check_equal(name, got, expected):
