@@ -107,4 +107,29 @@ for method, r in results["results"].items():
     row_start = f"| {r['lr']:g} | {r['trainable']:,} | {r['trainable_percent']:.3f} | {r['final_train_loss']:.4f} |"
     check(f"{method}: its row is in results.md", int(row_start in markdown), 1)
 
+# ================================================================================================
+print("3. The README's side-by-side generations and its 150 vs 600 steps table")
+readme = (HERE / "README.md").read_text()
+heldout = json.loads((ROOT / "minipeft" / "assets" / "demo_data" / "heldout.json").read_text(encoding="utf-8"))
+
+
+def cell(text):
+    return " ".join(text.replace("|", "/").split()) or "(empty)"
+
+
+for i, record in enumerate(heldout[:8]):
+    row = f"| {cell(record['input'])} | {cell(record['output'])} | " + " | ".join(
+        cell(r["generations"][i]) for r in results["results"].values()) + " |"
+    check(f"generations of held-out record {i} are the README's row {i}", int(row in readme), 1)
+repo_readme = (ROOT / "README.md").read_text()
+names = {"full": "full fine-tuning", "adapter": "adapter (Houlsby)", "lora": "LoRA", "prefix": "prefix tuning",
+         "llama_adapter": "LLaMA-Adapter", "prompt": "prompt tuning"}
+budget_table = readme.split("| method | 150 steps (table 1) | 600 steps (README) |")[1].split("\n\n")[0]
+for method, name in names.items():
+    line = next(l for l in budget_table.splitlines() if l.startswith(f"| {name} | "))
+    short, long = (float(x) for x in line.strip("| ").split(" | ")[1:])
+    check(f"{method}: 150-step column == results.json's final val loss", short,
+          round(results["results"][method]["final_val_loss"], 3), 0)
+    check(f"{method}: 600-step column appears in the repository README's table", int(f"-> {long:.3f} |" in repo_readme), 1)
+
 print("all checks passed")
