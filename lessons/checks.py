@@ -17,7 +17,8 @@ import torch
 def _value(t: torch.Tensor) -> str:
     """A short printout of a float64 tensor: the number itself, or its shape and first entries."""
     if t.numel() == 1:
-        return f"{t.item():.6g}"
+        v = t.item()
+        return f"{int(v):,}" if v.is_integer() and abs(v) < 1e15 else f"{v:.6g}"
     flat = ", ".join(f"{v:.4g}" for v in t.flatten()[:3].tolist())
     return f"{tuple(t.shape)} [{flat}{', ...' if t.numel() > 3 else ''}]"
 

@@ -132,4 +132,20 @@ for method, name in names.items():
           round(results["results"][method]["final_val_loss"], 3), 0)
     check(f"{method}: 600-step column appears in the repository README's table", int(f"-> {long:.3f} |" in repo_readme), 1)
 
+# ================================================================================================
+print("4. lessons/README.md's 'trainable at 7B' column == closed_form_trainable")
+index = (ROOT / "lessons" / "README.md").read_text()
+rows_7b = {"full fine-tuning": ("full", {}), "LoRA r = 8": ("lora", {"rank": 8, "targets": ("wq", "wv")}),
+           "prompt tuning P = 20": ("prompt", {"prompt_len": 20}),
+           "prefix tuning P = 10": ("prefix", {"prefix_len": 10, "reparam_hidden": None}),
+           "Houlsby adapter m = 64": ("adapter", {"bottleneck": 64}),
+           "LLaMA-Adapter K = 10": ("llama_adapter", {"prompt_len": 10, "adapter_layers": 30})}
+for label, (method, hyper) in rows_7b.items():
+    line = next(l for l in index.splitlines() if l.startswith(f"| {label}"))
+    shown = int(line.rstrip(" |").split(" | ")[-1].split(" ")[0].replace(",", ""))
+    check(f"{label}: {shown:,}", shown, closed_form_trainable(cfg, method, **hyper))
+prefix_line = next(l for l in index.splitlines() if l.startswith("| prefix tuning P = 10"))
+check("prefix tuning with its MLP while training", int("136,618,496" in prefix_line and
+      closed_form_trainable(cfg, "prefix", prefix_len=10, reparam_hidden=512) == 136_618_496), 1)
+
 print("all checks passed")
