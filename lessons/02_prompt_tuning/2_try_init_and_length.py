@@ -3,7 +3,7 @@
 The note walks through a prompt tensor of 5 virtual tokens x 768 (a BERT/GPT-2-sized width): 3,840
 trainable numbers in front of the input. The shipped tiny model's default prompt, P = 20 rows of
 d = 192, has exactly the same 3,840 numbers. Follow its shapes through the model, then train prompts
-of length 5 and 20 from three initialisations for the same 20 steps and compare the held-out loss.
+of length 5 and 20 from three initialisations for the same 15 steps and compare the held-out loss.
 
     PYTHONPATH=. python lessons/02_prompt_tuning/2_try_init_and_length.py
 Try LENGTHS = (1, 50) or INIT_TEXT = "Answer:".
@@ -20,7 +20,7 @@ from tiny_training import demo_examples, load_tiny, train_steps, val_loss  # noq
 
 from minipeft.peft import PromptConfig, SoftPrompt, apply_peft
 
-LENGTHS, INITS, STEPS, LR = (5, 20), ("random", "vocab", "text"), 20, 0.1
+LENGTHS, INITS, STEPS, LR = (5, 20), ("random", "vocab", "text"), 15, 0.1
 INIT_TEXT = "Follow the instruction and write only the answer."
 
 print("1. The note's prompt tensor: 5 x 768 there, 20 x 192 here")

@@ -2,7 +2,8 @@
 
 Li & Liang train the prefix through an MLP because the direct prefix trains worse. Train both on the
 shipped tiny model (P = 10) for the same 30 steps and compare the
-held-out loss at three rates; then fold the MLP away and check the model is unchanged.
+held-out loss at two rates each (both at 3e-3, the MLP's best;
+then 3e-2 for the MLP, 0.1 for the direct prefix); then fold the MLP away and check the model is unchanged.
 
     PYTHONPATH=. python lessons/03_prefix_tuning/2_try_mlp_vs_direct.py
 Try other RATES, HIDDEN = 64, or STEPS = 100.
@@ -20,7 +21,7 @@ from tiny_training import demo_examples, load_tiny, train_steps, val_loss  # noq
 from minipeft.peft import PrefixConfig, PrefixKV, apply_peft
 
 P, HIDDEN, STEPS = 10, 512, 30
-RATES = (3e-3, 3e-2, 1e-1)
+RATES = {HIDDEN: (3e-3, 3e-2), None: (3e-3, 1e-1)}   # the MLP's best, and each side's other end
 
 _, tokenizer = load_tiny()
 _, train_examples = demo_examples(tokenizer, "train", n=96)
@@ -33,7 +34,7 @@ print(f"base model: held-out loss {base_loss:.3f}")
 best, losses = {}, {}
 for hidden in (HIDDEN, None):
     label = f"MLP h = {hidden}" if hidden else "direct"
-    for lr in RATES:
+    for lr in RATES[hidden]:
         base, _ = load_tiny()
         torch.manual_seed(0)
         model = apply_peft(base, PrefixConfig(prefix_len=P, reparam_hidden=hidden))
