@@ -2,7 +2,9 @@
 
 Each script asserts its own numbers against independent computations and exits non-zero on the first
 failed check; this test fails on a non-zero exit or on a missing "all checks passed" line, and shows
-the end of the script's output.
+the end of the script's output. The "try this" scripts train the shipped tiny model for a few dozen
+steps (10-40 s each with one thread); lessons/figures/draw_methods.py redraws the method figures and
+compares them byte for byte with the committed PNGs (also tested directly below).
 """
 
 import os
