@@ -41,3 +41,15 @@ def decoder_classes() -> Tuple[type, ...]:
 
 def is_decoder(model) -> bool:
     return isinstance(model, decoder_classes())
+
+
+def tokenizer_for(family: str, model_path):
+    """The tokenizer of a model family ("llama", "chatglm", "chatglm2" on its SentencePiece file; "bloom" on
+    its tokenizer.json)."""
+    from .tokenizer import ByteLevelBPETokenizer, Tokenizer, TokenizerError
+    from .tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
+    classes = {"llama": Tokenizer, "chatglm": ChatGLMTokenizer, "chatglm2": ChatGLM2Tokenizer,
+               "bloom": ByteLevelBPETokenizer}
+    if family not in classes:
+        raise TokenizerError(f"no tokenizer for family {family!r}; expected one of {sorted(classes)}")
+    return classes[family](model_path)

@@ -19,7 +19,7 @@ ByteLevelBPETokenizer below, same methods), anything else a SentencePiece model.
 `tokenizer.model`, else its `tokenizer.json`.
 
 ChatGLM's tokenizers (tokenizer_chatglm.py) keep this interface: `encode(text, bos=True)` marks a *prompt* the
-way the family does and `eos=True` ends a *response*; `tokenizer_for(family, path)` picks the class.
+way the family does and `eos=True` ends a *response*; `families.tokenizer_for(family, path)` picks the class.
 """
 
 from __future__ import annotations
@@ -261,13 +261,3 @@ class ByteLevelBPETokenizer(Tokenizer):
         self._check_ids(ids)
         return self.bpe.decode([i for i in ids if i not in self._special_ids], skip_special_tokens=False)
 
-
-def tokenizer_for(family: str, model_path) -> Tokenizer:
-    """The tokenizer class of a model family ("llama", "chatglm", "chatglm2" on a SentencePiece file; "bloom"
-    on a tokenizer.json)."""
-    from .tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
-    classes = {"llama": Tokenizer, "chatglm": ChatGLMTokenizer, "chatglm2": ChatGLM2Tokenizer,
-               "bloom": ByteLevelBPETokenizer}
-    if family not in classes:
-        raise TokenizerError(f"no tokenizer for family {family!r}; expected one of {sorted(classes)}")
-    return classes[family](model_path)

@@ -127,7 +127,7 @@ def test_folder_with_ice_text_converts_and_generates_through_the_tool(tmp_path, 
     import sentencepiece as spm
     from helpers_chatglm import train_chatglm_sentencepiece
     from minipeft.data import PROMPT_FORMATS
-    from minipeft.tokenizer import tokenizer_for
+    from minipeft.families import tokenizer_for
 
     sp_path = train_chatglm_sentencepiece(tmp_path / "sp", version=1)
     sp = spm.SentencePieceProcessor(model_file=sp_path)

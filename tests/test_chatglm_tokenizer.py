@@ -4,7 +4,8 @@ import pytest
 import sentencepiece as spm
 
 from helpers_chatglm import train_chatglm_sentencepiece
-from minipeft.tokenizer import TokenizerError, tokenizer_for
+from minipeft.families import tokenizer_for
+from minipeft.tokenizer import TokenizerError
 from minipeft.tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
 
 TEXT = "def f(x):\n\treturn x    + 1\n你好，世界！  end"

@@ -17,11 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 
 import torch  # noqa: E402
 
-from minipeft.checkpoint import DTYPES, load_model  # noqa: E402
+from minipeft.checkpoint import DTYPES, folder_tokenizer, load_model  # noqa: E402
 from minipeft.data import PROMPT_FORMATS  # noqa: E402
 from minipeft.generate import generate  # noqa: E402
 from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.tokenizer import Tokenizer, tokenizer_for  # noqa: E402
+from minipeft.families import tokenizer_for  # noqa: E402
+from minipeft.tokenizer import Tokenizer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,12 +36,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     parser.add_argument("--adapter", default=None, help="adapter folder written by save_adapter / finetune")
     parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the model family's template (Alpaca; ChatGLM: [Round n] 问：...答：)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint folder's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: the checkpoint folder's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
     args = parser.parse_args(argv)
 
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
+    tokenizer_path = (Path(args.tokenizer) if args.tokenizer else
+                      folder_tokenizer(Path(args.checkpoint)) or Path(args.checkpoint) / "tokenizer.model")
     if not tokenizer_path.is_file():
         print(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer PATH", file=sys.stderr)
         return 1

@@ -38,11 +38,11 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0, help="also write a seeded validation split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--out", help="output file (default: <data>.tokenized.jsonl)")
-    parser.add_argument("--family", default="llama", choices=("llama", "chatglm", "chatglm2"),
+    parser.add_argument("--family", default="llama", choices=("llama", "chatglm", "chatglm2", "bloom"),
                         help="the model family: its tokenizer rules and chat format (default llama: Alpaca)")
     args = parser.parse_args(argv)
 
-    from minipeft.tokenizer import tokenizer_for
+    from minipeft.families import tokenizer_for
     tokenizer_path = args.tokenizer or default_tokenizer()
     out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
     try:

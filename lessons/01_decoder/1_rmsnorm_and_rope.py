@@ -43,12 +43,12 @@ check("with g = 1 every row has root-mean-square 1", unit_gain.pow(2).mean(-1).s
 check("scale invariance: RMSNorm(5 x) == RMSNorm(x)", norm(5 * x.float()), norm(x.float()), 1e-5)
 
 # ------------------------------------------------------------------------------------------------
-print("2. RoPE angles: pair i of a head rotates by pos * theta^(-2i/hd)")
-head_dim, theta = 8, 10000.0
-# With hd = 8: theta^(-2i/8) = 10000^(-i/4) = 10^(-i), i = 0..3: frequencies 1, 0.1, 0.01, 0.001.
+print("2. RoPE angles: pair i of a head rotates by pos * theta_i, theta_i = base^(-2i/hd)")
+head_dim, base = 8, 10000.0            # base: the number theta_i is computed from (cfg.rope_theta)
+# With hd = 8: base^(-2i/8) = 10000^(-i/4) = 10^(-i), i = 0..3: frequencies 1, 0.1, 0.01, 0.001.
 frequencies = torch.tensor([1.0, 0.1, 0.01, 0.001], dtype=torch.float64)
 positions = torch.arange(6)[None]                                  # (1, T=6): positions 0..5
-cos, sin = rope_cos_sin(positions, head_dim, theta)               # each (1, 1, 6, 4)
+cos, sin = rope_cos_sin(positions, head_dim, base)               # each (1, 1, 6, 4)
 angles = positions[0, :, None].double() * frequencies              # (6, 4)
 check("cos(pos * 10^-i) from rope_cos_sin", cos[0, 0], angles.cos(), 1e-6)
 check("sin(pos * 10^-i) from rope_cos_sin", sin[0, 0], angles.sin(), 1e-6)
@@ -83,7 +83,7 @@ k = torch.randn(head_dim, dtype=torch.float64)
 def rope_score(m: int, n: int) -> float:
     """Score of query q at position m against key k at position n, rotated by the library."""
     pos = torch.tensor([[m, n]])
-    cos_mn, sin_mn = rope_cos_sin(pos, head_dim, theta)
+    cos_mn, sin_mn = rope_cos_sin(pos, head_dim, base)
     both = torch.stack([q, k])[None, None].float()                # (1, 1, 2, hd): q at m, k at n
     rq, rk = apply_rope(both, cos_mn, sin_mn)[0, 0].double()
     return float(rq @ rk)

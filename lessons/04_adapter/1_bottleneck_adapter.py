@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check, check_equal  # noqa: E402
+from checks import check, check_equal, check_true  # noqa: E402
 
 
 def gelu_float64(z: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,30 @@ check("dL/dW_up == G^T GELU(W_down h + b_down)", fresh.up.weight.grad, G.T @ gel
 check("dL/db_up == sum over tokens of G", fresh.up.bias.grad, G.sum(0), 1e-5)
 check("dL/dW_down == 0 at the first step", fresh.down.weight.grad, torch.zeros(m, d), 0)
 check("dL/db_down == 0 at the first step", fresh.down.bias.grad, torch.zeros(m), 0)
-print("   (W_down must be random: were it zero too, a = GELU(0) = 0 would keep dL/dW_up = 0, and W_up = 0 keeps")
-print("    dL/dW_down = 0: both would stay zero forever, only the bias b_up would learn)")
+print("   What if W_down = 0 too? b_down is still random (nn.Linear's init), so a = GELU(b_down) != 0:")
+zero_down = BottleneckAdapter(d, m)
+with torch.no_grad():
+    zero_down.down.weight.zero_()
+(zero_down(h.float()) * G.float()).sum().backward()
+a_const = gelu_float64(zero_down.down.bias.detach().double())                  # (m,) the same for every token
+check("  W_down = 0: dL/dW_up == (sum_t G_t) GELU(b_down)^T (rank 1, not zero)", zero_down.up.weight.grad,
+      torch.outer(G.sum(0), a_const), 1e-5)
+norm_up = zero_down.up.weight.grad.norm().item()
+check_true("  |dL/dW_up| (Frobenius norm): W_up moves at step one", norm_up, "> 0", norm_up > 0)
+check("  W_down = 0: dL/dW_down == 0 at the first step (W_up = 0)", zero_down.down.weight.grad, torch.zeros(m, d), 0)
+with torch.no_grad():                                                          # one SGD step on W_up
+    zero_down.up.weight -= 0.1 * zero_down.up.weight.grad
+    zero_down.zero_grad()
+(zero_down(h.float()) * G.float()).sum().backward()
+W_up1 = zero_down.up.weight.detach().double()
+gelu_slope = torch.autograd.functional.jacobian(gelu_float64, zero_down.down.bias.detach().double()).diagonal()
+expected = ((G @ W_up1) * gelu_slope).T @ h                                   # ((G W_up) * GELU'(b_down))^T h
+check("  after that step: dL/dW_down == ((G W_up) * GELU'(b_down))^T h, nonzero", zero_down.down.weight.grad,
+      expected, 1e-5)
+norm_down = zero_down.down.weight.grad.norm().item()
+check_true("  |dL/dW_down| after that step", norm_down, "> 0", norm_down > 0)
+print("   So W_down = 0 only slows the start (step one learns a rank-1 W_up); nothing stays stuck. Only with")
+print("   W_down = 0 *and* b_down = 0 would a = 0, and then W_up and W_down both stay zero; b_up alone learns.")
 
 # ------------------------------------------------------------------------------------------------
 print("4. In the decoder: after W_o and after the feed-forward's W2, before each residual add")

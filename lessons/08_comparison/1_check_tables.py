@@ -107,4 +107,45 @@ for method, r in results["results"].items():
     row_start = f"| {r['lr']:g} | {r['trainable']:,} | {r['trainable_percent']:.3f} | {r['final_train_loss']:.4f} |"
     check(f"{method}: its row is in results.md", int(row_start in markdown), 1)
 
+# ================================================================================================
+print("3. The README's side-by-side generations and its 150 vs 600 steps table")
+readme = (HERE / "README.md").read_text()
+heldout = json.loads((ROOT / "minipeft" / "assets" / "demo_data" / "heldout.json").read_text(encoding="utf-8"))
+
+
+def cell(text):
+    return " ".join(text.replace("|", "/").split()) or "(empty)"
+
+
+for i, record in enumerate(heldout[:8]):
+    row = f"| {cell(record['input'])} | {cell(record['output'])} | " + " | ".join(
+        cell(r["generations"][i]) for r in results["results"].values()) + " |"
+    check(f"generations of held-out record {i} are the README's row {i}", int(row in readme), 1)
+repo_readme = (ROOT / "README.md").read_text()
+names = {"full": "full fine-tuning", "adapter": "adapter (Houlsby)", "lora": "LoRA", "prefix": "prefix tuning",
+         "llama_adapter": "LLaMA-Adapter", "prompt": "prompt tuning"}
+budget_table = readme.split("| method | 150 steps (table 1) | 600 steps (README) |")[1].split("\n\n")[0]
+for method, name in names.items():
+    line = next(l for l in budget_table.splitlines() if l.startswith(f"| {name} | "))
+    short, long = (float(x) for x in line.strip("| ").split(" | ")[1:])
+    check(f"{method}: 150-step column == results.json's final val loss", short,
+          round(results["results"][method]["final_val_loss"], 3), 0)
+    check(f"{method}: 600-step column appears in the repository README's table", int(f"-> {long:.3f} |" in repo_readme), 1)
+
+# ================================================================================================
+print("4. lessons/README.md's 'trainable at 7B' column == closed_form_trainable")
+index = (ROOT / "lessons" / "README.md").read_text()
+rows_7b = {"full fine-tuning": ("full", {}), "LoRA r = 8": ("lora", {"rank": 8, "targets": ("wq", "wv")}),
+           "prompt tuning P = 20": ("prompt", {"prompt_len": 20}),
+           "prefix tuning P = 10": ("prefix", {"prefix_len": 10, "reparam_hidden": None}),
+           "Houlsby adapter m = 64": ("adapter", {"bottleneck": 64}),
+           "LLaMA-Adapter K = 10": ("llama_adapter", {"prompt_len": 10, "adapter_layers": 30})}
+for label, (method, hyper) in rows_7b.items():
+    line = next(l for l in index.splitlines() if l.startswith(f"| {label}"))
+    shown = int(line.rstrip(" |").split(" | ")[-1].split(" ")[0].replace(",", ""))
+    check(f"{label}: {shown:,}", shown, closed_form_trainable(cfg, method, **hyper))
+prefix_line = next(l for l in index.splitlines() if l.startswith("| prefix tuning P = 10"))
+check("prefix tuning with its MLP while training", int("136,618,496" in prefix_line and
+      closed_form_trainable(cfg, "prefix", prefix_len=10, reparam_hidden=512) == 136_618_496), 1)
+
 print("all checks passed")

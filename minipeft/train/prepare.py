@@ -16,7 +16,7 @@ from typing import Optional
 from ..checkpoint import folder_tokenizer, load_model, open_checkpoint
 from ..peft import LoRAConfig
 from ..peft.config import FAMILY_DEFAULT_LORA_TARGETS
-from ..tokenizer import tokenizer_for
+from ..families import tokenizer_for
 from .config import TrainConfig, TrainError, base_dtype, check_config
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
