@@ -144,3 +144,19 @@ def test_an_unknown_key_names_the_file(tmp_path, hf):
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="model.safetensors: unexpected key .*rotary.*not a BLOOM parameter"):
         convert_checkpoint(src, tmp_path / "out")
+
+
+def test_generate_tool_on_a_bloom_folder(tmp_path, hf, capsys):
+    """tools/generate.py finds the folder's tokenizer.json and prints what greedy generation gives."""
+    src = _saved(tmp_path, hf)
+    train_tiny_bpe(src)
+    convert_checkpoint(src, tmp_path / "ours")
+    spec = importlib.util.spec_from_file_location("generate_tool", REPO / "tools" / "generate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / "ours"), "--prompt", "the cat", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    tokenizer = Tokenizer(tmp_path / "ours")
+    prompt = tokenizer.encode("the cat", bos=True)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=3)
+    assert tokenizer.decode(out[0, len(prompt):].tolist()) in capsys.readouterr().out
