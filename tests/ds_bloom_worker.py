@@ -1,6 +1,7 @@
 """One DeepSpeed rank for tests/test_bloom_deepspeed.py, started by torchrun (2 ranks): ZeRO-3 LoRA on a tiny
 BLOOM (wqkv, wo, w1, w2), the base loaded partitioned; writes per rank a JSON of facts, and on rank 0 DeepSpeed's
-own zero_to_fp32 consolidation of the engine checkpoint (the independent route to the trained adapter).
+own zero_to_fp32 consolidation of the engine checkpoint (the independent route to the trained adapter). Then
+ZeRO-2 with LLaMA-Adapter on the same BLOOM (frozen base, falling loss).
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ds_bloom_worker.py WORKSPACE.json OUT_DIR
 """
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
-from minipeft.peft import LoRAConfig  # noqa: E402
+from minipeft.peft import LlamaAdapterConfig, LoRAConfig  # noqa: E402
 from minipeft.train import TrainConfig, build_trainer, prepare_run  # noqa: E402
 
 
@@ -29,12 +30,28 @@ def frozen_unchanged(trainer, original: dict) -> bool:
         return all(torch.equal(p.detach().cpu(), original[n.removeprefix("base.")].to(p.dtype)) for n, p in frozen)
 
 
+def flags(ws, out, **extra) -> dict:
+    return dict(model=ws["model"], train_data=ws["train"], val_data=ws["val"], max_seq_len=ws["max_seq_len"],
+                batch_size=2, grad_accum=1, warmup_steps=1, seed=0, device="cpu", out=str(out),
+                progress=False, exact_match=False, eval_batch_size=8, **{"lr": 5e-2, "max_steps": 6, **extra})
+
+
+def run_zero2_llama_adapter(ws, out_dir, rank) -> dict:
+    cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**flags(
+        ws, out_dir / "zero2_la", peft=LlamaAdapterConfig(prompt_len=4, adapter_layers=2), deepspeed=ws["zero2"],
+        lr=2e-1, max_steps=8)))
+    trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
+    facts = {"zero_stage": trainer.engine.zero_optimization_stage(),
+             "losses": [h["loss"] for h in trainer.train()],
+             "frozen_unchanged": frozen_unchanged(trainer, load_model(ws["model"]).state_dict()),
+             "adapter": str(trainer.save_final())}
+    dist.barrier()
+    return facts
+
+
 def run(ws, out_dir, rank) -> dict:
-    flags = dict(model=ws["model"], train_data=ws["train"], val_data=ws["val"], max_seq_len=ws["max_seq_len"],
-                 batch_size=2, grad_accum=1, max_steps=6, warmup_steps=1, seed=0, device="cpu", lr=5e-2,
-                 out=str(out_dir / "zero3_lora"), progress=False, exact_match=False, eval_batch_size=8,
-                 peft=LoRAConfig(rank=4, targets=("wqkv", "wo", "w1", "w2")), deepspeed=ws["zero3"])
-    cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**flags))
+    cfg, ds_config, base, tokenizer, data = prepare_run(TrainConfig(**flags(
+        ws, out_dir / "zero3_lora", peft=LoRAConfig(rank=4, targets=("wqkv", "wo", "w1", "w2")), deepspeed=ws["zero3"])))
     facts = {"partitioned": any(hasattr(p, "ds_id") for p in base.parameters())}
     trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
     facts["zero_stage"] = trainer.engine.zero_optimization_stage()
@@ -55,11 +72,12 @@ def main():
     ws = json.loads(Path(sys.argv[1]).read_text())
     out_dir = Path(sys.argv[2])
     rank = int(os.environ["RANK"])
-    try:
-        facts = run(ws, out_dir, rank)
-    except Exception:
-        facts = {"error": traceback.format_exc()}
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(facts))
+    for name, case in (("zero3_lora", run), ("zero2_la", run_zero2_llama_adapter)):
+        try:
+            facts = case(ws, out_dir, rank)
+        except Exception:
+            facts = {"error": traceback.format_exc()}
+        (out_dir / f"rank{rank}_{name}.json").write_text(json.dumps(facts))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

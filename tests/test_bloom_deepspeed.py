@@ -1,6 +1,6 @@
 """ZeRO-3 on two CPU ranks (torchrun, gloo) with LoRA on a tiny BLOOM, the base loaded partitioned: the frozen
 base stays bit-identical, the loss falls, and the adapter the trainer gathers and saves equals DeepSpeed's
-own zero_to_fp32 consolidation of its checkpoint."""
+own zero_to_fp32 consolidation of its checkpoint. ZeRO-2 with LLaMA-Adapter on the same BLOOM in the same launch."""
 
 import json
 import os
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_zero3_lora_on_bloom_two_ranks(tmp_path):
     pytest.importorskip("deepspeed", reason="the [deepspeed] extra is not installed")
     ws = make_bloom_workspace(tmp_path)
-    ws.update(zero3=str(ROOT / "tools" / "ds_configs" / "zero3.json"), max_seq_len=48)
+    ws.update(zero3=str(ROOT / "tools" / "ds_configs" / "zero3.json"),
+              zero2=str(ROOT / "tools" / "ds_configs" / "zero2.json"), max_seq_len=48)
     (tmp_path / "ws.json").write_text(json.dumps(ws))
     out = tmp_path / "out"
     out.mkdir()
@@ -34,7 +35,7 @@ def test_zero3_lora_on_bloom_two_ranks(tmp_path):
                            str(tmp_path / "ws.json"), str(out)],
                           env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    facts = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    facts = [json.loads((out / f"rank{r}_zero3_lora.json").read_text()) for r in (0, 1)]
     for f in facts:
         assert "error" not in f, f.get("error")
         assert f["partitioned"] and f["zero_stage"] == 3 and f["frozen_unchanged"]
@@ -50,3 +51,11 @@ def test_zero3_lora_on_bloom_two_ranks(tmp_path):
     assert saved["layers.0.attention.wqkv.lora_B"].shape == (3 * 32, 4)
     model = load_adapter(load_model(ws["model"]), facts[0]["adapter"])   # reloads on a plain BLOOM
     assert model.method == "lora"
+
+    zero2 = [json.loads((out / f"rank{r}_zero2_la.json").read_text()) for r in (0, 1)]
+    for f in zero2:
+        assert "error" not in f, f.get("error")
+        assert f["zero_stage"] == 2 and f["frozen_unchanged"] and f["losses"][-1] < f["losses"][0]
+    assert zero2[0]["losses"] == zero2[1]["losses"]
+    reloaded = load_adapter(load_model(ws["model"]), zero2[0]["adapter"])
+    assert reloaded.method == "llama_adapter"
