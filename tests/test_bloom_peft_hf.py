@@ -36,8 +36,9 @@ def assert_same_greedy(ours_model, peft_model, max_new_tokens=6):
 def lora_pair():
     from peft import LoraConfig, get_peft_model
     hf, ours = tiny_bloom_pair()
-    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"],
-                                                               lora_dropout=0.0)).eval()
+    # no target_modules: peft's own default for BLOOM, which is query_key_value, i.e. our wqkv
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0)).eval()
+    assert peft_model.peft_config["default"].target_modules == {"query_key_value"}
     mine = apply_peft(copy.deepcopy(ours), LoRAConfig(rank=4, alpha=8, targets=("wqkv",))).eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
