@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 from . import adapter, llama_adapter, lora, prefix, soft_prompt
-from .config import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PeftConfigError, PrefixConfig,
-                     PromptConfig)
+from .config import (GATE_KINDS, PROMPT_INITS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
+                     PeftConfigError, PrefixConfig, PromptConfig)
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ register(PeftMethod("lora", LoRAConfig, lora.install, flags=(
 register(PeftMethod("prompt", PromptConfig, soft_prompt.install,
                     loading_config=lambda c: dataclasses.replace(c, init="random", init_text=None), flags=(
     Flag("--prompt-len", "prompt_len", "soft prompt length P", int),
-    Flag("--prompt-init", "init", "soft prompt init", str, choices=("random", "vocab", "text")),
+    Flag("--prompt-init", "init", "soft prompt init", str, choices=PROMPT_INITS),
     Flag("--prompt-init-text", "init_text", "text whose token embeddings start the soft prompt (--prompt-init text)"),
 )))
 register(PeftMethod("prefix", PrefixConfig, prefix.install,
@@ -130,5 +130,5 @@ register(PeftMethod("llama_adapter", LlamaAdapterConfig, llama_adapter.install, 
     Flag("--llama-adapter-layers", "adapter_layers", "top layers L that get the adapter prompt (default: "
          "min(30, n_layers))", int),
     Flag("--llama-adapter-gate", "gate", "gate form: tanh(g) (paper) or plain g (lit-llama / peft)", str,
-         choices=("tanh", "plain")),
+         choices=GATE_KINDS),
 )))
