@@ -30,8 +30,8 @@ the gate gets a gradient (the prompt's is exactly 0 because gate = tanh(0) = 0, 
 
 On BLOOM (bloom.py) the layer's projection is the fused wqkv (with bias): k_p, v_p are the k and v slices of
 wqkv(P), and the real scores carry ALiBi's m_h (j - i) while the prompt's carry no position bias at all
-(the prompt has no position, as on LLaMA it gets no rotation). Hugging Face peft's adaption prompt supports
-only LLaMA-style models (q_proj/k_proj/v_proj), so on BLOOM there is no peer: the tests check this layer
+(the prompt has no position, as on LLaMA it gets no rotation). Hugging Face peft's adaption prompt (0.21.2)
+knows only the llama, mistral and gpt2 model types, so on BLOOM there is no peer: the tests check this layer
 against a float64 computation instead.
 """
 
