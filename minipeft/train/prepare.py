@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import load_model
-from ..tokenizer import Tokenizer
+from ..checkpoint import load_model, open_checkpoint
+from ..families import tokenizer_for
 from .config import TrainConfig, TrainError, base_dtype, check_config
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
@@ -32,10 +32,7 @@ def prepare_run(cfg: TrainConfig):
     cfg = cfg.filled()
     if cfg.model is None:
         raise TrainError("--model is required here (tools/finetune.py fills in the shipped tiny model)")
-    tokenizer_path = cfg.tokenizer or str(Path(cfg.model) / "tokenizer.model")
-    if not Path(tokenizer_path).is_file():
-        raise TrainError(f"tokenizer {tokenizer_path} not found; give --tokenizer")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_run_tokenizer(cfg)
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
@@ -44,6 +41,19 @@ def prepare_run(cfg: TrainConfig):
     else:
         base = load_model(cfg.model, dtype=base_dtype(cfg))
     return cfg, ds_config, base, tokenizer, data
+
+
+def load_run_tokenizer(cfg: TrainConfig):
+    """The tokenizer of the model's family (families.tokenizer_for): --tokenizer, else the file the model folder
+    holds (ours: tokenizer.model; a ChatGLM-6B folder: ice_text.model). Its family picks the prompt format the
+    data is rendered in (data.PROMPT_FORMATS)."""
+    reader = open_checkpoint(cfg.model)
+    family = reader.config().family
+    tokenizer_path = cfg.tokenizer or reader.tokenizer_path
+    if tokenizer_path is None or not Path(tokenizer_path).is_file():
+        wanted = tokenizer_path or Path(cfg.model) / "tokenizer.model"
+        raise TrainError(f"tokenizer {wanted} not found; give --tokenizer")
+    return tokenizer_for(family, tokenizer_path)
 
 
 def build_trainer(cfg: TrainConfig, base_model, tokenizer, data: RunData, ds_config: Optional[dict] = None):
