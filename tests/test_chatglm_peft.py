@@ -13,7 +13,7 @@ from minipeft.checkpoint import convert_checkpoint, load_model
 from minipeft.checkpoint.hf_chatglm import pairs_to_rotate_half
 from minipeft.generate import generate
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig,
-                           apply_peft, load_adapter, save_adapter)
+                           PeftConfigError, apply_peft, export_lora_to_hf_peft, load_adapter, save_adapter)
 
 METHODS = {"full": FullConfig(), "lora": LoRAConfig(rank=4, alpha=8, targets=("wqkv", "wo", "w1", "w2")),
            "prompt": PromptConfig(prompt_len=3, init="random"), "prefix": PrefixConfig(prefix_len=3, reparam_hidden=16),
@@ -160,3 +160,11 @@ def test_prefix_and_prompt_generate_with_cache_as_without(method, converted):
     cached = generate(model, PROMPTS, max_new_tokens=10, pad_id=PAD)
     for prompt, new in zip(PROMPTS, cached):
         assert new == greedy_without_cache(model, prompt, 10)
+
+
+def test_hf_peft_export_refuses_chatglm(converted, tmp_path):
+    """The HF peft export writes LLaMA's names and rotary permutation: refused for ChatGLM-6B, nothing written."""
+    model = apply_peft(load_model(converted[0]), METHODS["lora"])
+    with pytest.raises(PeftConfigError, match="family is 'chatglm'"):
+        export_lora_to_hf_peft(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -27,6 +27,9 @@ def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
     from ..checkpoint import ours_module_to_hf, permute_for_hf
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
+    if cfg.family != "llama":        # the names and the rotary permutation below are LLaMA's
+        raise PeftConfigError(f"export_lora_to_hf_peft writes LLaMA's layout only; this model's family is "
+                              f"{cfg.family!r} (save_adapter writes our adapter folder for it)")
     tensors = {}
     target_modules = set()
     for name, lora in modules:
