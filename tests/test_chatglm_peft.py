@@ -168,3 +168,9 @@ def test_hf_peft_export_refuses_chatglm(converted, tmp_path):
     with pytest.raises(PeftConfigError, match="family is 'chatglm'"):
         export_lora_to_hf_peft(model, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_lora_default_targets_name_chatglms_projections(converted):
+    """LLaMA's default targets (wq, wv) do not exist in ChatGLM-6B's fused attention: the error lists what does."""
+    with pytest.raises(PeftConfigError, match=r"\['wq', 'wv'\] match no nn.Linear .* \['w1', 'w2', 'wo', 'wqkv'\]"):
+        apply_peft(load_model(converted[0]), LoRAConfig())
