@@ -127,7 +127,7 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """q (B, H, T, hd), k/v (B, H, S, hd), mask (B or 1, 1, T, S) bool (True = may attend). Returns (B, H, T, hd)."""
-        c = getattr(self, "score_scale", 1.0)
+        c = self.score_scale
         scores = (q / (math.sqrt(self.head_dim) * c)) @ k.transpose(-1, -2)        # (B, H, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, MASKED_SCORE)
@@ -210,6 +210,27 @@ class ChatGLM(nn.Module):
         return glm_position_ids(tokens, self.config, attention_mask)
 
     next_position_ids = staticmethod(next_position_ids)
+
+    # How tokens put in front of the real ones are numbered (PEFT's virtual tokens: peft/peft_model.py reads these).
+    # Key/value slots in front (prefix tuning = the original's P-tuning v2, `pre_seq_len` / `PrefixEncoder`) shift
+    # nothing: the original feeds them as past key/values, unrotated and seen by every token, and numbers the real
+    # tokens exactly as without them. Embeddings in front (prompt tuning) are context: positions 0..P-1, block 0
+    # (so the prefix-LM mask lets the context read them and them read the context); the real tokens' positions,
+    # [gMASK]'s included (the reply takes it), move up by P, and their block ids stay (block 0 *is* the context,
+    # and the reply's block ids count inside the blank).
+    cache_prefix_shifts_positions = False
+
+    @staticmethod
+    def front_position_ids(batch: int, count: int, device) -> torch.Tensor:
+        """The (B, 2, P) position ids of P embeddings put in front of the input: positions 0..P-1, block ids 0."""
+        positions = torch.arange(count, device=device).expand(batch, count)
+        return torch.stack([positions, torch.zeros_like(positions)], dim=1)
+
+    @staticmethod
+    def shift_position_ids(position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+        """(B, 2, T) -> the same tokens after `offset` context tokens in front: positions + offset, block ids kept."""
+        shift = torch.tensor([offset, 0], device=position_ids.device, dtype=position_ids.dtype)
+        return position_ids + shift[None, :, None]
 
     def forward(
         self,

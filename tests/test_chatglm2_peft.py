@@ -1,6 +1,6 @@
 """Every PEFT method on a tiny ChatGLM2 (model.py with qkv_bias and half rotary): loss falls, the base stays
 bit-identical, zero-init methods start as the base model, adapters save and reload exactly, cached generation
-equals greedy decoding without a cache. (ChatGLM-6B's turn comes with the PEFT registry: see issue 15.)"""
+equals greedy decoding without a cache. (ChatGLM-6B: tests/test_chatglm_peft.py.)"""
 
 import pytest
 import torch

@@ -7,6 +7,7 @@ Run from the repository root:
 Every library result (minipeft.chatglm) is compared with a computation written here.
 """
 
+import copy
 import math
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from minipeft.chatglm import GLM_ALPHA, ChatGLM, glm_position_ids, glm_rope_cos_sin
 from minipeft.checkpoint.hf_chatglm import rotate_half_to_pairs
 from minipeft.config import ModelConfig
+from minipeft.peft import PrefixConfig, PromptConfig, apply_peft
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
 from checks import check, check_equal  # noqa: E402
@@ -108,4 +110,17 @@ print("   the real tokens shift by P (so [gMASK]'s position, taken by the reply,
 prompt_pos = torch.cat([torch.stack([torch.arange(P), torch.zeros(P, dtype=torch.long)])[None], pos + torch.tensor([[P], [0]])], 2)
 check_equal("prompt-tuning positions", prompt_pos[0, 0].tolist(), [0, 1, 2, 3, 4, 5, 6, 7, 7, 7, 7])
 check_equal("prompt-tuning block ids", prompt_pos[0, 1].tolist(), [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3])
+print("   These are the model's own rules (ChatGLM.front_position_ids / shift_position_ids, with")
+print("   cache_prefix_shifts_positions = False), which PeftModel reads: no `if family ==` in the PEFT code.")
+rule_pos = torch.cat([ChatGLM.front_position_ids(1, P, pos.device), ChatGLM.shift_position_ids(pos, P)], 2)
+check_equal("ChatGLM's rule gives the prompt-tuning positions above", torch.equal(rule_pos, prompt_pos), True)
+virtual = torch.tensor([[20, 21, 22]])                               # a soft prompt equal to these tokens' embeddings
+prompted = apply_peft(copy.deepcopy(model), PromptConfig(prompt_len=P, init="random"))
+prefixed = apply_peft(copy.deepcopy(model), PrefixConfig(prefix_len=P, reparam_hidden=None))
+with torch.no_grad():
+    prompted.soft_prompt.weight.copy_(model.tok_embeddings.weight[virtual[0]])
+    check("prompt tuning == the base reading the virtual tokens as context in front", prompted(tokens),
+          model(torch.cat([virtual, tokens], 1))[:, P:], 1e-12)
+    check("prefix tuning == the base with the prefix as past keys, positions unshifted", prefixed(tokens),
+          model(tokens, past_key_values=prefixed.prefix(1), position_ids=pos), 1e-12)
 print("all checks passed")

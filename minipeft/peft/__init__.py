@@ -19,7 +19,7 @@ from .api import apply_peft, merge_lora, peft_configs
 from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
                      PeftConfigError, PrefixConfig, PromptConfig)
 from .hf_export import export_lora_to_hf_peft
-from .llama_adapter import BloomGatedAdapterPrompt, GatedAdapterPrompt
+from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
 from .peft_model import PeftModel, TrainableReport
 from .prefix import PrefixKV
@@ -35,5 +35,4 @@ __all__ = [
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
     "LoRALinear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
-    "BloomGatedAdapterPrompt",
 ]

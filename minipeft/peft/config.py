@@ -28,7 +28,7 @@ EXTRA_TRAINABLE_MODULES = ("tok_embeddings", "output")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "wqkv", "w1", "w2", "w3", "output")
 # LoRAConfig's default targets ("wq", "wv": the query and value projections) stand for these in a family that
 # fuses q, k and v (BLOOM: HF peft's default query_key_value); tools/finetune.py applies it.
-FAMILY_DEFAULT_LORA_TARGETS = {"bloom": ("wqkv",)}
+FAMILY_DEFAULT_LORA_TARGETS = {"bloom": ("wqkv",), "chatglm": ("wqkv",)}
 
 PROMPT_INITS = ("random", "vocab", "text")
 GATE_KINDS = ("tanh", "plain")

@@ -31,8 +31,8 @@ def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
     if cfg.family not in ("llama", "bloom"):
-        raise PeftConfigError(f"export_lora_to_hf_peft: no Hugging Face name table for family {cfg.family!r} "
-                              "(llama and bloom have one)")
+        raise PeftConfigError(f"export_lora_to_hf_peft: this model's family is {cfg.family!r}, which has no Hugging "
+                              "Face name table here (llama and bloom have one); save_adapter writes our folder for it")
     module_to_hf = bloom_module_to_hf if cfg.family == "bloom" else ours_module_to_hf
     tensors = {}
     target_modules = set()

@@ -5,11 +5,12 @@ G = n_kv_heads, hd = head_dim.
 
 In each adapted layer, with the layer's own frozen projections wq, wk, wv, wo:
 
-    q, k, v     = Attention.project(x)            (B,H,T,hd) rotated, (B,G,S,hd) rotated, (B,G,S,hd)
+    q, k, v     = attention.project(x)            (B,H,T,hd) rotated, (B,G,S,hd) rotated, (B,G,S,hd)
     A           = softmax(q k^T / sqrt(hd) + mask) v                   (B, H, T, hd)   the normal attention
     P           = adapter_prompt                                       (K, d)          trainable
     k_p, v_p    = wk(P), wv(P) viewed as (G, K, hd), NOT rotated, each repeated H/G times -> (H, K, hd),
-                  shared by every row of the batch
+                  shared by every row of the batch (computed by the layer's own `project` with the identity
+                  rotation, so ChatGLM-6B's fused wqkv and ChatGLM2's biases project the prompt as they do x)
     A_p         = softmax(q k_p^T / sqrt(hd)) v_p  (softmax in float32) (B, H, T, hd)
     out         = wo( A + gate[h] * A_p )          gate = tanh(adapter_gate) (default) or adapter_gate
                                                    ("plain", as lit-llama / peft), adapter_gate (H,) zeros
@@ -37,6 +38,7 @@ against a float64 computation instead.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import List
 
@@ -44,18 +46,29 @@ import torch
 import torch.nn as nn
 
 from ..bloom import BloomAttention
-from ..model import Attention
 from .config import GATE_KINDS, LlamaAdapterConfig, PeftConfigError  # noqa: F401  (GATE_KINDS: the gate forms)
 
 
-class AdaptionPrompt:
-    """The gated prompt term shared by every family's adapted attention: the prompt and gate parameters,
-    A_p and `attend` = the family's own attention + the gated term. A family class supplies
-    `prompt_keys_values()` -> k_p, v_p each (G, K, hd), computed with no position."""
+class GatedAdapterPrompt(nn.Module):
+    """A layer's attention, taken over as it is, plus the gated adaption-prompt term.
 
-    def _add_prompt(self, prompt_len: int, gate: str, dim: int, weight: torch.Tensor, init_std: float) -> None:
+    The wrapped attention's whole state is adopted (its sub-modules, parameters, buffers and attributes: wq/wk/wv/wo
+    or ChatGLM's wqkv/wo, n_heads, ChatGLM's score_scale, ...), so parameter names stay `attention.wq.weight`, ...
+    and base checkpoints load unchanged, and its class's own `forward` / `project` / `attend` run on that state: any
+    family's attention works (families.py: every attention exposes project / attend). Only `attend` adds the prompt
+    term. Same call signature and cache as the wrapped attention."""
+
+    def __init__(self, attention: nn.Module, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
+        super().__init__()
         LlamaAdapterConfig(prompt_len=prompt_len, gate=gate)                # checks both (PeftConfigError)
+        if isinstance(attention, GatedAdapterPrompt):
+            raise PeftConfigError("this attention already has a LLaMA-Adapter prompt; install it only once")
+        for key, value in vars(attention).items():     # the module's state; its dicts copied, so adding ours
+            self.__dict__[key] = copy.copy(value) if isinstance(value, dict) else value   # leaves it untouched
+        self.attention_class = type(attention)
         self.prompt_len, self.gate_kind = prompt_len, gate
+        weight = attention.wo.weight                                                   # for device and dtype
+        dim = attention.wo.out_features       # not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
         prompt = torch.empty(prompt_len, dim, device=weight.device, dtype=weight.dtype)
         self.adapter_prompt = nn.Parameter(prompt.normal_(0.0, init_std))                  # (K, d)
         self.adapter_gate = nn.Parameter(torch.zeros(self.n_heads, device=weight.device, dtype=weight.dtype))
@@ -69,71 +82,47 @@ class AdaptionPrompt:
         return torch.tanh(self.adapter_gate) if self.gate_kind == "tanh" else self.adapter_gate
 
     def prompt_attention(self, q: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, hd) -> gate * softmax(q k_p^T / sqrt(hd)) v_p, (B, H, T, hd) in q's dtype."""
-        repeats = self.n_heads // self.n_kv_heads
-        prompt_k, prompt_v = self.prompt_keys_values()                                 # (G, K, hd) each
-        prompt_k = prompt_k.repeat_interleave(repeats, dim=0).float()                  # (H, K, hd)
-        prompt_v = prompt_v.repeat_interleave(repeats, dim=0).float()                  # (H, K, hd)
-        scores = q.float() @ prompt_k.transpose(-1, -2) / math.sqrt(self.head_dim)    # (B, H, T, K)
+        """q (B, H, T, hd) rotated queries -> gate * softmax(q k_p^T / sqrt(hd)) v_p, (B, H, T, hd) in q's dtype.
+        k_p, v_p come from the layer's own `project` with the identity rotation (cos 1, sin 0: exact), so a fused
+        wqkv (ChatGLM-6B) or biases (ChatGLM2) are handled as the layer handles them."""
+        K, hd = self.prompt_len, self.head_dim
+        prompt = self.adapter_prompt.to(self.wo.weight.dtype)[None]                     # (1, K, d)
+        if issubclass(self.attention_class, BloomAttention):                         # ALiBi: keys carry no position
+            _, prompt_k, prompt_v = self.project(prompt)                               # (1, H, K, hd)
+        else:
+            cos = torch.ones(1, 1, K, hd // 2, device=prompt.device, dtype=prompt.dtype)   # identity rotation
+            _, prompt_k, prompt_v = self.project(prompt, cos, torch.zeros_like(cos))   # (1, G, K, hd), no RoPE
+        repeats = self.n_heads // prompt_k.shape[1]
+        prompt_k = prompt_k[0].repeat_interleave(repeats, dim=0).float()               # (H, K, hd)
+        prompt_v = prompt_v[0].repeat_interleave(repeats, dim=0).float()               # (H, K, hd)
+        scores = q.float() @ prompt_k.transpose(-1, -2) / math.sqrt(hd)                # (B, H, T, K)
         probs = torch.softmax(scores, dim=-1)                                          # (B, H, T, K) float32
         gated = probs * self.gate_values().float().view(1, -1, 1, 1)                   # (B, H, T, K)
         return (gated @ prompt_v).to(q.dtype)                                          # (B, H, T, hd)
 
+    def project(self, *args):
+        """The wrapped attention's projections (and rotation), unchanged."""
+        return self.attention_class.project(self, *args)
+
     def attend(self, q, k, v, mask):
-        """The layer's own attention plus the gated prompt term, (B, H, T, hd); the family's forward does the
-        rest (projections, cache, wo), so the cache and the call signature are the base layer's."""
-        return super().attend(q, k, v, mask) + self.prompt_attention(q)
+        """The layer's own attention plus the gated prompt term, (B, H, T, hd); the wrapped class's forward does
+        the rest (projections, cache, wo), so the cache and the call signature are the base layer's."""
+        return self.attention_class.attend(self, q, k, v, mask) + self.prompt_attention(q)
+
+    def forward(self, *args, **kwargs):
+        """The wrapped attention's forward (its own signature), run on this module, so it calls the `attend`
+        above."""
+        return self.attention_class.forward(self, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"prompt_len={self.prompt_len}, n_heads={self.n_heads}, gate={self.gate_kind!r}"
 
 
-class GatedAdapterPrompt(AdaptionPrompt, Attention):
-    """A LLaMA Attention that reuses a frozen layer's wq/wk/wv/wo and adds the gated adaption-prompt term.
-
-    Attention.forward runs unchanged; only `attend` adds the prompt term. Same call signature and cache.
-    Attention.__init__ is deliberately not called: it would build new projections, and the point is to keep
-    the layer's own modules (so their names stay `attention.wq.weight`, ...)."""
-
-    def __init__(self, attention: Attention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
-        nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
-        # in_features, not weight.shape: a ZeRO-3 partitioned weight has shape (0,)
-        self._add_prompt(prompt_len, gate, attention.wq.in_features, attention.wq.weight, init_std)
-
-    def prompt_keys_values(self):
-        """k_p = wk(P), v_p = wv(P), each (G, K, hd), not rotated."""
-        K, G, hd = self.prompt_len, self.n_kv_heads, self.head_dim
-        prompt = self.adapter_prompt.to(self.wk.weight.dtype)                           # (K, d)
-        return (self.wk(prompt).view(K, G, hd).transpose(0, 1),                         # (G, K, hd)
-                self.wv(prompt).view(K, G, hd).transpose(0, 1))
-
-
-class BloomGatedAdapterPrompt(AdaptionPrompt, BloomAttention):
-    """A BLOOM attention that reuses a frozen layer's wqkv/wo and adds the gated adaption-prompt term; the
-    real scores keep their ALiBi bias, the prompt's get none."""
-
-    def __init__(self, attention: BloomAttention, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
-        nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        self.wqkv, self.wo = attention.wqkv, attention.wo
-        self._add_prompt(prompt_len, gate, attention.wqkv.in_features, attention.wqkv.weight, init_std)
-
-    def prompt_keys_values(self):
-        """The k and v slices of wqkv(P) (bias included), each (H, K, hd); no position, no ALiBi."""
-        prompt = self.adapter_prompt.to(self.wqkv.weight.dtype)[None]                 # (1, K, d)
-        _, prompt_k, prompt_v = self.project(prompt)                                  # (1, H, K, hd) each
-        return prompt_k[0], prompt_v[0]
-
-
-ADAPTED_ATTENTION = ((BloomAttention, BloomGatedAdapterPrompt), (Attention, GatedAdapterPrompt))
-
-
 def install_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> List[str]:
-    """Replace layers[i].attention by its family's gated adapted attention for the top L layers of `model`
-    (in place). L = config.adapter_layers, or min(30, n_layers) when None. Returns the names of the new
-    trainable parameters (`layers.{i}.attention.adapter_prompt`, `layers.{i}.attention.adapter_gate`)."""
+    """Replace layers[i].attention by a GatedAdapterPrompt for the top L layers of `model` (in place).
+
+    L = config.adapter_layers, or min(30, n_layers) when None. Returns the names of the new trainable
+    parameters (`layers.{i}.attention.adapter_prompt`, `layers.{i}.attention.adapter_gate`)."""
     n_layers = len(model.layers)
     adapter_layers = config.adapter_layers if config.adapter_layers is not None else min(30, n_layers)
     if not 1 <= adapter_layers <= n_layers:
@@ -142,13 +131,9 @@ def install_llama_adapter(model: nn.Module, config: LlamaAdapterConfig) -> List[
     names = []
     for i in range(n_layers - adapter_layers, n_layers):
         block = model.layers[i]
-        if isinstance(block.attention, AdaptionPrompt):
+        if isinstance(block.attention, GatedAdapterPrompt):
             raise PeftConfigError(f"layer {i} already has a LLaMA-Adapter prompt; install it only once")
-        adapted = next((new for old, new in ADAPTED_ATTENTION if isinstance(block.attention, old)), None)
-        if adapted is None:
-            raise PeftConfigError(f"layer {i}: LLaMA-Adapter has no adapted attention for "
-                                  f"{type(block.attention).__name__}")
-        block.attention = adapted(block.attention, config.prompt_len, config.gate)
+        block.attention = GatedAdapterPrompt(block.attention, config.prompt_len, config.gate)
         names += [f"layers.{i}.attention.adapter_prompt", f"layers.{i}.attention.adapter_gate"]
     return names
 

@@ -116,7 +116,10 @@ def install_lora(model: nn.Module, config) -> Dict[str, LoRALinear]:
     found = {name.rsplit(".", 1)[-1] for name, _ in chosen}
     missing = [t for t in targets if t not in found]
     if missing:
-        raise PeftConfigError(f"LoRAConfig.targets: {missing} match no nn.Linear module of the model")
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+                       & set(LORA_TARGETS))
+        raise PeftConfigError(f"LoRAConfig.targets (--lora-targets): {missing} match no nn.Linear module of the "
+                              f"model; its projections are {names}")
     for name, linear in chosen:
         limit = min(linear.in_features, linear.out_features)
         if config.rank > limit:

@@ -6,11 +6,24 @@
     print(model.report)                     # trainable vs total parameters
 
 The calling contract (the virtual tokens of prompt and prefix tuning are the wrapper's own business):
-- `tokens`, `attention_mask` and `position_ids` describe the caller's real tokens only. Positions count
-  real tokens from 0; a soft prompt or prefix of length P shifts them to P, P+1, ... and the wrapper puts
-  P ones in front of the attention mask.
+- `tokens`, `attention_mask` and `position_ids` describe the caller's real tokens only, numbered as the base
+  numbers them without virtual tokens (LLaMA: 0, 1, ...; ChatGLM-6B: its 2-D (B, 2, T) ids, which the wrapper
+  derives from the tokens, as the base would, when none are given). The wrapper puts P ones in front of the
+  attention mask and numbers the virtual tokens by the base family's rules (below).
 - The returned logits are aligned with the given tokens (a soft prompt's P positions are dropped).
 - `past_key_values` given back to it is the cache it returned (prefix / prompt keys already in front).
+- `prompt_position_ids` / `next_position_ids` are the base's (generate.py reads them), so cached generation
+  works through the wrapper with the base's own position rules.
+
+Where the P virtual tokens sit is the base family's decision, read from three optional members of its class
+(a family without them counts positions, as LLaMA does here and Hugging Face peft does):
+    cache_prefix_shifts_positions  do real tokens after P prefix cache slots move up by P?  default True
+                                   (peft's prefix tuning: real tokens at P..P+n-1; ChatGLM-6B: False, as
+                                   its own P-tuning v2 numbers them as without the prefix)
+    front_position_ids(B, P, dev)  positions of P embeddings in front (prompt tuning)      default 0..P-1
+    shift_position_ids(pos, P)     real positions after P tokens in front                  default pos + P
+Prompt tuning always shifts (the virtual tokens are real inputs the model reads first); prefix tuning shifts
+only where the family says so.
 
 Which parameters train is read from the modules themselves (replace.adapter_parameters: every module with
 adapter_params()), plus the base modules named in the config's `extra_trainable`, or everything for a
@@ -28,6 +41,25 @@ import torch.nn as nn
 from ..distributed import full_numel
 from ..loss import causal_lm_loss
 from .replace import adapter_parameters, adapter_saved_tensors
+
+
+def cache_prefix_shifts_positions(base) -> bool:
+    """Whether real tokens after a prefix of cache slots take positions P.. (see the module docstring)."""
+    return getattr(base, "cache_prefix_shifts_positions", True)
+
+
+def front_position_ids(base, batch: int, count: int, device) -> torch.Tensor:
+    """Positions of `count` embeddings put in front of the input: the family's rule, else (B, P) 0..P-1."""
+    own_rule = getattr(base, "front_position_ids", None)
+    if own_rule is not None:
+        return own_rule(batch, count, device)
+    return torch.arange(count, device=device).expand(batch, count)
+
+
+def shift_position_ids(base, position_ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """Real positions after `offset` tokens in front: the family's rule, else position_ids + offset."""
+    own_rule = getattr(base, "shift_position_ids", None)
+    return own_rule(position_ids, offset) if own_rule is not None else position_ids + offset
 
 
 @dataclass
@@ -69,6 +101,16 @@ class PeftModel(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
         self.base.gradient_checkpointing = value
+
+    @property
+    def prompt_position_ids(self):
+        """The base's rule for a prompt's positions (None for a counting family): generate.py reads it."""
+        return getattr(self.base, "prompt_position_ids", None)
+
+    @property
+    def next_position_ids(self):
+        """The base's rule for the next token's positions (None for a counting family)."""
+        return getattr(self.base, "next_position_ids", None)
 
     @property
     def soft_prompt_module(self):
@@ -139,7 +181,7 @@ class PeftModel(nn.Module):
         input_embeds: Optional[torch.Tensor] = None,   # (B, T, d), instead of tokens
         past_key_values=None,                          # the cache this wrapper returned (virtual tokens in front)
         start_pos: Optional[int] = None,               # position of the first real token, counting real tokens
-        position_ids: Optional[torch.Tensor] = None,   # (B, T) positions counting real tokens from 0
+        position_ids: Optional[torch.Tensor] = None,   # (B, T) (ChatGLM-6B (B, 2, T)): real tokens, as without P
         attention_mask: Optional[torch.Tensor] = None, # (B, S_past_real + T) or (B, T) over real tokens
         use_cache: bool = False,
         return_hidden: bool = False,                   # h_L (B, T, d) instead of logits (see base.head)
@@ -157,17 +199,22 @@ class PeftModel(nn.Module):
         first_call = past_key_values is None
         real_past_len = 0 if first_call else past_key_values[0][0].shape[2] - P
 
-        # Shift the caller's positions past the P virtual tokens.
-        if position_ids is not None:
-            position_ids = position_ids + P                                               # (B, T)
-        elif start_pos is not None:
-            start_pos = start_pos + P
+        prompt_in_front = self.soft_prompt_module is not None and first_call
+        if position_ids is None and first_call and tokens is not None and self.prompt_position_ids is not None:
+            # a family whose positions are not a count derives them from the real tokens, as the base would alone
+            real_mask = attention_mask[:, -T:] if attention_mask is not None else None
+            position_ids = self.prompt_position_ids(tokens, real_mask)                    # e.g. (B, 2, T)
+        # Shift the caller's positions past the P virtual tokens (prefix: only where the family says so).
+        if self.soft_prompt_module is not None or cache_prefix_shifts_positions(self.base):
+            if position_ids is not None:
+                position_ids = shift_position_ids(self.base, position_ids, P)            # (B, T) | (B, 2, T)
+            elif start_pos is not None:
+                start_pos = start_pos + P
         if attention_mask is not None and attention_mask.shape[1] == real_past_len + T:
             ones = attention_mask.new_ones(B, P)                                          # (B, P)
             attention_mask = torch.cat([ones, attention_mask], dim=1)                     # (B, P + S_real + T)
         # (a (B, T) mask with a past is left as it is: the model treats every past key as real)
 
-        prompt_in_front = self.soft_prompt_module is not None and first_call
         if self.prefix_module is not None and first_call:
             past_key_values = self.prefix_module(B)                                       # per layer (B, G, P, hd)
         if prompt_in_front:
@@ -177,8 +224,8 @@ class PeftModel(nn.Module):
             if position_ids is not None or start_pos is not None:                         # prompt at 0..P-1
                 if position_ids is None:
                     position_ids = torch.arange(start_pos, start_pos + T, device=given.device).expand(B, T)
-                prompt_positions = torch.arange(P, device=position_ids.device).expand(B, P)
-                position_ids = torch.cat([prompt_positions, position_ids], dim=1)        # (B, P + T)
+                prompt_positions = front_position_ids(self.base, B, P, position_ids.device)
+                position_ids = torch.cat([prompt_positions, position_ids], dim=-1)       # (B, [2,] P + T)
                 start_pos = None
 
         out = self.base(tokens, input_embeds=input_embeds, past_key_values=past_key_values, start_pos=start_pos,

@@ -10,7 +10,10 @@ For layer l the attention of real token t (position P + t) is
 exactly as if P earlier tokens were already in the KV cache: the prefix keys K_l are used as stored (never
 rotated), every query sees every prefix slot, and real tokens take positions P..P+n-1. This is the
 original prefix-tuning code's and Hugging Face peft's behaviour; the model needs nothing new because
-past key/values already work this way.
+past key/values already work this way. Whether the real positions move up by P is the base family's call
+(PeftModel reads `cache_prefix_shifts_positions`): ChatGLM-6B keeps them at 0..n-1 with their block ids,
+because its own P-tuning v2 (`pre_seq_len` / `PrefixEncoder`) feeds the prefix as past key/values and numbers
+the real tokens as without it, so prefixes trained on the original mean the same here.
 
 Reparameterisation (training is unstable when the prefix is trained directly, Li & Liang 2021):
 

@@ -9,6 +9,11 @@ Shapes: B batch, T real tokens, P = prompt_len, d = model dim.
 
 The prompt takes RoPE positions 0..P-1 and the real tokens P..P+T-1 (the PeftModel wrapper shifts the
 caller's positions by P), so the model sees exactly P earlier tokens whose embeddings are free parameters.
+On ChatGLM-6B (2-D positions, prefix-LM mask) the same idea reads: the virtual tokens are P more *context*
+tokens in front, positions 0..P-1 with block id 0 (so the context and they see each other both ways, as
+context does); the real positions, [gMASK]'s included (the reply takes it), move up by P, and block ids stay
+(block 0 marks the context for the mask; the reply's block ids count inside the blank). The family gives
+these rules (chatglm.py: front_position_ids, shift_position_ids); PeftModel applies them.
 
 Three initialisations (`initial_weight`):
     "random"  N(0, s^2) with s the standard deviation of the embedding table, so the prompt has the scale

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import folder_tokenizer, load_model, open_checkpoint
+from ..checkpoint import load_model, open_checkpoint
 from ..peft import LoRAConfig
 from ..peft.config import FAMILY_DEFAULT_LORA_TARGETS
 from ..families import tokenizer_for
@@ -35,13 +35,10 @@ def prepare_run(cfg: TrainConfig):
     cfg = cfg.filled()
     if cfg.model is None:
         raise TrainError("--model is required here (tools/finetune.py fills in the shipped tiny model)")
-    # the model folder's own tokenizer (tokenizer.model, or BLOOM's tokenizer.json), read as its family reads it
-    tokenizer_path = cfg.tokenizer or folder_tokenizer(Path(cfg.model)) or Path(cfg.model) / "tokenizer.model"
-    if not Path(tokenizer_path).is_file():
-        raise TrainError(f"tokenizer {tokenizer_path} not found; give --tokenizer")
-    family = open_checkpoint(cfg.model).config().family
+    reader = open_checkpoint(cfg.model)
+    family = reader.config().family
     cfg = with_family_defaults(cfg, family)
-    tokenizer = tokenizer_for(family, tokenizer_path)
+    tokenizer = load_run_tokenizer(cfg, reader, family)
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
@@ -59,6 +56,17 @@ def with_family_defaults(cfg: TrainConfig, family: str) -> TrainConfig:
     if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets and family in FAMILY_DEFAULT_LORA_TARGETS:
         return dataclasses.replace(cfg, peft=dataclasses.replace(peft, targets=FAMILY_DEFAULT_LORA_TARGETS[family]))
     return cfg
+
+
+def load_run_tokenizer(cfg: TrainConfig, reader, family: str):
+    """The tokenizer of the model's family (families.tokenizer_for): --tokenizer, else the file the model folder
+    holds (ours: tokenizer.model, or BLOOM's tokenizer.json; a ChatGLM-6B folder: ice_text.model). Its family
+    picks the prompt format the data is rendered in (data.PROMPT_FORMATS)."""
+    tokenizer_path = cfg.tokenizer or reader.tokenizer_path
+    if tokenizer_path is None or not Path(tokenizer_path).is_file():
+        wanted = tokenizer_path or Path(cfg.model) / "tokenizer.model"
+        raise TrainError(f"tokenizer {wanted} not found; give --tokenizer")
+    return tokenizer_for(family, tokenizer_path)
 
 
 def build_trainer(cfg: TrainConfig, base_model, tokenizer, data: RunData, ds_config: Optional[dict] = None):
