@@ -125,8 +125,8 @@ def compare(contenders: dict, repeats: int) -> dict:
 
 def report(rows, title, medians, check):
     ours = medians["minipeft"]
-    cells = [f"{1000 * medians[n]:.0f} ms" for n in medians]
-    ratios = {n: ours / medians[n] for n in medians if n != "minipeft"}
+    cells = [f"{1000 * medians[n]:.0f} ms" if medians[n] == medians[n] else "-" for n in medians]   # nan: not run
+    ratios = {n: ours / medians[n] for n in medians if n != "minipeft" and medians[n] == medians[n]}
     line = f"| {title} | " + " | ".join(cells) + " | " + ", ".join(f"{r:.2f}x vs {n}" for n, r in ratios.items()) + f" | {check} |"
     print(line, flush=True)
     rows.append(line)
@@ -157,7 +157,8 @@ def main(argv=None):
     import transformers
     try:
         import litgpt  # noqa: F401
-        has_litgpt, litgpt_note = True, f"litgpt {getattr(litgpt, '__version__', '?')}"
+        from importlib.metadata import version
+        has_litgpt, litgpt_note = True, f"litgpt {version('litgpt')}"
     except ImportError as error:
         has_litgpt, litgpt_note = False, f"litgpt not importable ({error})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
