@@ -245,14 +245,15 @@ def agreement(losses: dict) -> str:
     ours = losses["minipeft"]
     diffs = {n: abs(v - ours) for n, v in losses.items() if n != "minipeft" and v is not None}
     same = all(d <= 1e-5 for d in diffs.values())
-    return f"loss {ours:.6f}, " + ", ".join(f"|diff| {d:.1e} vs {n}" for n, d in diffs.items()) + \
+    return f"loss {ours:.6f}, " + ", ".join(f"diff {d:.1e} vs {n}" for n, d in diffs.items()) + \
         ("" if same else " (DIFFERENT)")
 
 
 def write_markdown(path: Path, header, rows, argv):
     """Replace the text between the bench markers of `path` with this run's command and table."""
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    command = "OMP_NUM_THREADS=2 .venv/bin/python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    extra = ":" + os.path.dirname(os.path.dirname(__import__("litgpt").__file__)) if "litgpt" in sys.modules else ""
+    command = f"PYTHONPATH=.{extra} OMP_NUM_THREADS=2 .venv/bin/python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = "\n".join([begin, f"Run {stamp}:", "", "    " + command.strip(), "", "```", *header, "```", "", *rows,
                        end])
