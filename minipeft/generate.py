@@ -9,8 +9,11 @@ Batching prompts of different lengths (B prompts, longest T tokens): each prompt
 so every row computes exactly what its prompt computes alone. A model that numbers its tokens its own way
 (ChatGLM-6B's 2D positions, (B, 2, T)) gives `prompt_position_ids(tokens, attention_mask)` and
 `next_position_ids(last)`; without them positions are the 1-D count above and the next is the last + 1. The first call runs the whole padded prompt
-and returns the cache (per layer k, v each (B, n_kv_heads, T, head_dim)); after that each step feeds one
-token per row (B, 1) at position n, n+1, .. with the mask grown by a 1, reusing the cache.
+and returns the cache (per layer k, v each (B, n_kv_heads, S, head_dim), a prefix's keys in front); it is
+copied once into a preallocated `StaticCache` with room for every new token (kv_cache.py), so each later
+step, one token per row (B, 1) at position n, n+1, .., writes its keys/values in place instead of
+concatenating the whole cache again. The attention mask is allocated at full length once as well, and
+each call sees its first S columns. Only the last position goes through the output layer (`head`).
 
 Choosing the next token from the last logits z (B, V):
 - temperature 0: greedy, argmax z.
@@ -20,7 +23,8 @@ Choosing the next token from the last logits z (B, V):
   The kept probabilities are renormalised and one token is drawn from them.
 
 The model is called only as `model(tokens, past_key_values=..., position_ids=..., attention_mask=...,
-use_cache=True) -> (logits, cache)`, so a Transformer and a PeftModel both work.
+use_cache=True, return_hidden=True) -> (h_L, cache)` and `model.head(h_L) -> logits`, so a Transformer, a
+ChatGLM and a PeftModel all work (a model without `head` is asked for its logits instead).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+
+from .kv_cache import StaticCache
 
 
 class GenerationError(ValueError):
@@ -73,13 +79,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     device = next(model.parameters()).device
     batch_size, longest = len(prompts), max(len(p) for p in prompts)
 
+    total = longest + max(max_new_tokens - 1, 0)                                     # every key the last step sees
     tokens = torch.full((batch_size, longest), pad_id, dtype=torch.long)            # (B, T)
-    attention_mask = torch.zeros(batch_size, longest, dtype=torch.long)            # (B, T)
+    full_mask = torch.ones(batch_size, total, dtype=torch.long)                     # (B, T + new - 1)
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        attention_mask[row, longest - len(prompt):] = 1
-    tokens, attention_mask = tokens.to(device), attention_mask.to(device)
+        full_mask[row, :longest - len(prompt)] = 0
+    tokens, full_mask = tokens.to(device), full_mask.to(device)
+    attention_mask = full_mask[:, :longest]                                         # (B, T)
     position_ids = prompt_position_ids(model, tokens, attention_mask)               # (B, T) or (B, 2, T)
+    head = getattr(model, "head", None)
 
     generator = None
     if temperature > 0 and seed is not None:
@@ -89,9 +98,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     finished = [False] * batch_size
     cache = None
     for step in range(max_new_tokens):
-        logits, cache = model(tokens, past_key_values=cache, position_ids=position_ids,
-                              attention_mask=attention_mask, use_cache=True)        # (B, T or 1, V)
-        last_logits = logits[:, -1, :]                                              # (B, V)
+        if head is not None:
+            hidden, returned = model(tokens, past_key_values=cache, position_ids=position_ids,
+                                     attention_mask=attention_mask, use_cache=True, return_hidden=True)
+            last_logits = head(hidden[:, -1, :])                                    # (B, V)
+        else:
+            logits, returned = model(tokens, past_key_values=cache, position_ids=position_ids,
+                                     attention_mask=attention_mask, use_cache=True)  # (B, T or 1, V)
+            last_logits = logits[:, -1, :]                                          # (B, V)
+        if cache is None:                                                           # the prompt's cache, once
+            cache = StaticCache.from_cache(returned, extra=max_new_tokens - 1)
         if temperature == 0:
             next_tokens = last_logits.argmax(dim=-1)                                # (B,)
         else:
@@ -107,7 +123,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
 
         tokens = next_tokens[:, None]                                               # (B, 1)
         position_ids = next_position_ids(model, position_ids)                       # (B, 1) or (B, 2, 1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
+        attention_mask = full_mask[:, :longest + step + 1]                          # (B, S + 1)
     return new_tokens
 
 

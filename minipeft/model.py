@@ -196,8 +196,13 @@ class Transformer(nn.Module):
         return (out, new_cache) if use_cache else out
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """The last block's output (..., d) -> logits (..., V): final RMSNorm, then the output layer."""
-        return self.output(self.norm(h))
+        """The last block's output (..., d) -> logits (..., V): final RMSNorm, then the output layer.
+        Decoding (no grad, a few rows x (n, d)) computes W x^T (V, n) and returns its transpose: the same
+        products, but BLAS need not transpose the (V, d) matrix for each step (about 1.6x faster on CPU)."""
+        x = self.norm(h)
+        if x.dim() == 2 and x.shape[0] <= 16 and type(self.output) is nn.Linear and not torch.is_grad_enabled():
+            return (self.output.weight @ x.T).T                                        # (n, V), a view
+        return self.output(x)
 
     @staticmethod
     def build_mask(B: int, T: int, past_len: int, attention_mask: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:

@@ -1,5 +1,5 @@
 """The benchmark scripts run end to end at a tiny shape (their timings are measured by hand and written
-down in docs/bench.md, never asserted): tools/bench.py checks its two models agree before timing them, and
+down in docs/bench.md, never asserted): tools/bench.py checks that minipeft and its peers agree (loss, tokens) before timing them, and
 tools/gpu_lora_bench.py (the LoRA part of tools/gpu_check.sh) runs its bf16 and fp16 phases on the CPU."""
 
 import os
@@ -23,10 +23,10 @@ def test_bench_compares_the_same_model():
     out = run_tool(ROOT / "tools" / "bench.py", "--threads", "1", "--repeats", "1", "--dim", "32", "--layers", "1",
                    "--heads", "2", "--kv-heads", "1", "--intermediate", "64", "--vocab", "97", "--seq", "16",
                    "--batch", "2", "--prompt-len", "4", "--new-tokens", "4")
-    relative = float(re.search(r"logit check: relative difference ([0-9.e+-]+)", out).group(1))
-    assert relative < 1e-5
     assert "same tokens: True" in out
-    assert re.search(r"forward\+backward\s+ours\s+[0-9.]+ ms", out) and re.search(r"greedy decode\s+ours", out)
+    for workload in ("full fine-tuning step", "LoRA r=8 q,v step", "greedy decode"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {workload}"))
+        assert re.search(r"\| [0-9]+ ms \| [0-9]+ ms", row) and "DIFFERENT" not in row, row
 
 
 def test_gpu_lora_bench_runs_on_cpu_at_tiny_shape():

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..distributed import full_numel
-from ..loss import causal_lm_loss
+from ..loss import label_only_loss
 from .replace import adapter_parameters, adapter_saved_tensors
 
 
@@ -237,10 +237,13 @@ class PeftModel(nn.Module):
             return out[:, P:]
         return out
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor,
-             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean next-token cross-entropy in float32 (minipeft/loss.py): logits[:, t] predicts labels[:, t+1],
-        positions with label -100 are skipped. tokens, labels (B, T) aligned."""
-        if labels.shape != tokens.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the tokens' {tuple(tokens.shape)}")
-        return causal_lm_loss(self(tokens, attention_mask=attention_mask), labels)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The base's head: h_L (..., d) -> logits (..., V) (forward(return_hidden=True) gives h_L)."""
+        return self.base.head(h)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy in float32 (minipeft/loss.py): logits[:, t] predicts labels[:, t+1],
+        positions with label -100 are skipped, and the output layer runs only where labels count
+        (label_only_loss; a soft prompt's P positions are already dropped by forward). tokens, labels (B, T)."""
+        return label_only_loss(self, tokens, labels, attention_mask=attention_mask, reduction=reduction)

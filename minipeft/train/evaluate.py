@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..data import Example, Record, collate
-from ..loss import causal_lm_loss, count_label_tokens
+from ..loss import count_label_tokens, label_only_loss
 
 
 def autocast(device: torch.device, precision: str):
@@ -26,10 +26,11 @@ def autocast(device: torch.device, precision: str):
 
 
 def batch_loss(model, batch: Dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Loss of one collated batch. The attention mask is not passed: padding is on the right, so causal
-    masking already hides every padding key from every real token, and padding has label -100."""
-    logits = model(batch["input_ids"])                                                # (B, T, V)
-    return causal_lm_loss(logits, batch["labels"], reduction=reduction)
+    """Loss of one collated batch, the output layer applied only where labels count (loss.label_only_loss;
+    model may be a DeepSpeed engine: its forward passes return_hidden on). The attention mask is not passed:
+    padding is on the right, so causal masking already hides every padding key from every real token, and
+    padding has label -100."""
+    return label_only_loss(model, batch["input_ids"], batch["labels"], reduction=reduction)
 
 
 @torch.no_grad()
