@@ -36,13 +36,14 @@ The files of this package:
 
 from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPES, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME,
                     CheckpointError, TensorChecker, expected_shapes, tokenizer_vocab_size)
-from .folder import convert_checkpoint, iter_checkpoint_tensors, load_model, save_model
+from .folder import (check_tokenizer_fits, convert_checkpoint, iter_checkpoint_tensors, load_model, save_model,
+                     write_model_files)
 from .hf_llama import hf_key_to_ours, hf_tensor_to_ours, ours_module_to_hf, permute_for_hf, unpermute_hf_rotary
 from .readers import READERS, detect_format, open_checkpoint
 from .writer import parse_size
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "TOKENIZER_NAME", "DEFAULT_MAX_SHARD_SIZE", "DTYPES",
            "CheckpointError", "TensorChecker", "expected_shapes", "tokenizer_vocab_size", "convert_checkpoint",
-           "iter_checkpoint_tensors", "load_model", "save_model", "hf_key_to_ours", "hf_tensor_to_ours",
+           "iter_checkpoint_tensors", "load_model", "save_model", "write_model_files", "check_tokenizer_fits", "hf_key_to_ours", "hf_tensor_to_ours",
            "ours_module_to_hf", "permute_for_hf", "unpermute_hf_rotary", "READERS", "detect_format",
            "open_checkpoint", "parse_size"]

@@ -15,16 +15,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import write_json_atomic, write_safetensors_atomic
+from ..fileio import atomic_folder, write_json_atomic, write_safetensors_atomic
 from .api import lora_modules
 from .config import PeftConfigError
 from .peft_model import PeftModel
 
 
-def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
+def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) -> Path:
     """Write `folder`/adapter_config.json + adapter_model.safetensors in Hugging Face peft's LoRA layout for a
-    transformers LlamaForCausalLM of the same weights (see the module docstring)."""
+    transformers LlamaForCausalLM of the same weights (see the module docstring). The folder appears whole
+    or not at all; an existing non-empty one is refused unless `overwrite`. A LoRA that also trains whole
+    base modules (`extra_trainable`, e.g. --trainable-embeddings) is refused: without those tensors the
+    export would give other logits, and they are not exported."""
     from ..checkpoint import ours_module_to_hf, permute_for_hf
+    extra = tuple(getattr(model.peft_config, "extra_trainable", ()) or ())
+    if extra:
+        raise PeftConfigError(f"export_lora_to_hf_peft: this LoRA also trains {', '.join(extra)} in full "
+                              f"(extra_trainable); the peft export holds only lora_A/lora_B and would give other "
+                              f"logits. Merge it (merge_lora) and save the model with save_model instead")
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
     tensors = {}
@@ -63,7 +71,7 @@ def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
         "alpha_pattern": {},
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors_atomic(folder / "adapter_model.safetensors", tensors)
-    write_json_atomic(folder / "adapter_config.json", hf_config)
+    with atomic_folder(folder, overwrite=overwrite, error=PeftConfigError) as tmp:
+        write_safetensors_atomic(tmp / "adapter_model.safetensors", tensors)
+        write_json_atomic(tmp / "adapter_config.json", hf_config)
     return folder

@@ -9,7 +9,9 @@ What differs from the plain loop (DeepSpeedTrainer overrides exactly these):
 - backward / optimizer_step: DeepSpeed owns accumulation (engine.backward / engine.step after every
   micro-batch), clipping and fp16 loss scaling; the step's grad norm and skip flag are read back from it.
 - checkpoints: the engine's own (save_checkpoint / load_checkpoint, frozen parameters excluded), with the run
-  identity (checkpoints.py) as client state.
+  identity and the RNG states (checkpoints.py) as client state; the newest --keep-checkpoints tags are kept.
+  Every file of a tag is read once with torch.load(weights_only=True) before DeepSpeed reads it (DeepSpeed
+  itself unpickles with weights_only=False), so a planted pickle is refused instead of run.
 - save_final: the fp32 master copy of each trainable parameter is gathered on every rank (full size, also
   under ZeRO-3) and rank 0 writes the adapter.
 Under ZeRO-3 the base is built already partitioned and filled from the checkpoint tensor by tensor
@@ -111,20 +113,35 @@ class DeepSpeedTrainer(Trainer):
 
     # -- checkpoints: the engine's own
     def save_checkpoint(self) -> Path:
+        import shutil
+        import torch.distributed as dist
         tag = f"step-{self.step:06d}"
-        self.engine.save_checkpoint(str(self.checkpoint_dir / "deepspeed"), tag=tag,
-                                    client_state={"step": self.step, "identity": checkpoints.run_identity(self)},
-                                    exclude_frozen_parameters=True)
-        return self.checkpoint_dir / "deepspeed" / tag
+        root = self.checkpoint_dir / "deepspeed"
+        self.engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True,
+                                    client_state={"step": self.step, "identity": checkpoints.run_identity(self),
+                                                  "rng": checkpoints.rng_state()})
+        dist.barrier()                                    # every rank has written its part of the tag
+        if self.is_main:
+            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+        return root / tag
 
     def resume(self, where) -> None:
         where = Path(where)
         folder = where / "checkpoints" / "deepspeed" if (where / "checkpoints").is_dir() else where
         if not (folder / "latest").is_file():
             raise TrainError(f"--resume {where}: no DeepSpeed checkpoint (expected {folder}/latest)")
+        tag = (folder / "latest").read_text().strip()
+        if not (folder / tag).is_dir():
+            raise TrainError(f"--resume {folder}/latest: names the tag {tag!r}, which is not in {folder}")
+        for path in sorted((folder / tag).glob("*.pt")):
+            checkpoints.load_plain(path, "DeepSpeed checkpoint file")
         _, client = self.engine.load_checkpoint(str(folder), load_module_strict=False)
         checkpoints.check_identity(self, client.get("identity", {}), str(folder))
         self.step = client["step"]
+        if client.get("rng") is not None:
+            checkpoints.set_rng_state(client["rng"])
+        self.forget_metrics_after(self.step)
 
     # -- the final adapter
     def full_trainable_state(self) -> Dict[str, torch.Tensor]:
@@ -153,7 +170,7 @@ class DeepSpeedTrainer(Trainer):
                     for name, p in self.trainable:        # write the fp32 masters, not the working copies
                         working[name] = p.data
                         p.data = masters[name].to(p.device)
-                    save_adapter(self.model, folder)
+                    save_adapter(self.model, folder, overwrite=True)   # the run's own folder
                 finally:
                     for name, p in self.trainable:
                         if name in working:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import load_model
+from ..checkpoint import check_tokenizer_fits, load_model, open_checkpoint
 from ..tokenizer import Tokenizer
 from .config import TrainConfig, TrainError, base_dtype, check_config
 from .data_setup import RunData, load_run_data
@@ -36,6 +36,8 @@ def prepare_run(cfg: TrainConfig):
     if not Path(tokenizer_path).is_file():
         raise TrainError(f"tokenizer {tokenizer_path} not found; give --tokenizer")
     tokenizer = Tokenizer(tokenizer_path)
+    check_tokenizer_fits(tokenizer.vocab_size, open_checkpoint(cfg.model).config(),
+                         f"--tokenizer {tokenizer_path} (model {cfg.model})")
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
