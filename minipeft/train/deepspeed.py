@@ -134,8 +134,9 @@ class DeepSpeedTrainer(Trainer):
         tag = (folder / "latest").read_text().strip()
         if not (folder / tag).is_dir():
             raise TrainError(f"--resume {folder}/latest: names the tag {tag!r}, which is not in {folder}")
-        for path in sorted((folder / tag).glob("*.pt")):
-            checkpoints.load_plain(path, "DeepSpeed checkpoint file")
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+            for path in sorted((folder / tag).glob("*.pt")):
+                checkpoints.load_plain(path, "DeepSpeed checkpoint file")
         _, client = self.engine.load_checkpoint(str(folder), load_module_strict=False)
         checkpoints.check_identity(self, client.get("identity", {}), str(folder))
         self.step = client["step"]
@@ -177,6 +178,15 @@ class DeepSpeedTrainer(Trainer):
                             p.data = working[name]
         dist.barrier()
         return folder
+
+
+def deepspeed_checkpoint_classes() -> list:
+    """The plain-data classes DeepSpeed's own checkpoints pickle (a namedtuple, an enum, the loss scaler's
+    attributes): allowed in the weights_only check, which refuses every other global (code)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [fragment_address, ZeroStageEnum, LossScaler]
 
 
 def zero3_dtype(cfg: TrainConfig, ds_config: dict) -> torch.dtype:
