@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def load_plain(path: Path, what: str) -> dict:
     """torch.load(weights_only=True): tensors and plain containers only, never code; TrainError otherwise."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:        # a global: code, never run
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        raise TrainError(f"--resume {path}: refused: not a readable {what}, it holds more than tensors and plain "
+                         f"data (loading it could run code){': ' + found[0] if found else ''}") from None
     except Exception as err:     # noqa: BLE001 - a pickle that is not plain data, or a damaged file
         raise TrainError(f"--resume {path}: not a readable {what} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
