@@ -171,9 +171,9 @@ def test_api_writers_refuse_to_overwrite(ws, tmp_path):
         save_adapter(apply_peft(load_model(ws["model"]), FullConfig()), target)
     with pytest.raises(CheckpointError, match="already exists"):
         convert_checkpoint(ws["model"], target)
-    extra = apply_peft(load_model(ws["model"]), LoRAConfig(extra_trainable=("tok_embeddings", "output")))
-    with pytest.raises(PeftConfigError, match="extra_trainable"):
-        export_lora_to_hf_peft(extra, tmp_path / "hf_export")
+    both = apply_peft(load_model(ws["model"]), LoRAConfig(targets=("wq", "output"), extra_trainable=("output",)))
+    with pytest.raises(PeftConfigError, match="output is both a LoRA target and trained in full"):
+        export_lora_to_hf_peft(both, tmp_path / "hf_export")
     assert snapshot(tmp_path) == before
     # with overwrite the folder is replaced as a whole; the adapter's two files get the same mode
     save_adapter(apply_peft(load_model(ws["model"]), LoRAConfig()), target, overwrite=True)

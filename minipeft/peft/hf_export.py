@@ -24,15 +24,11 @@ from .peft_model import PeftModel
 def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) -> Path:
     """Write `folder`/adapter_config.json + adapter_model.safetensors in Hugging Face peft's LoRA layout for a
     transformers LlamaForCausalLM of the same weights (see the module docstring). The folder appears whole
-    or not at all; an existing non-empty one is refused unless `overwrite`. A LoRA that also trains whole
-    base modules (`extra_trainable`, e.g. --trainable-embeddings) is refused: without those tensors the
-    export would give other logits, and they are not exported."""
+    or not at all; an existing one is refused unless `overwrite`. Base modules the LoRA also trained in full
+    (`extra_trainable`: tok_embeddings, output) are exported as peft's `modules_to_save` (embed_tokens,
+    lm_head), saved under base_model.model.<HF module name>.weight as peft saves them."""
     from ..checkpoint import ours_module_to_hf, permute_for_hf
     extra = tuple(getattr(model.peft_config, "extra_trainable", ()) or ())
-    if extra:
-        raise PeftConfigError(f"export_lora_to_hf_peft: this LoRA also trains {', '.join(extra)} in full "
-                              f"(extra_trainable); the peft export holds only lora_A/lora_B and would give other "
-                              f"logits. Merge it (merge_lora) and save the model with save_model instead")
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
     tensors = {}
@@ -50,6 +46,15 @@ def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) ->
         target_modules.add(hf_name.rsplit(".", 1)[-1])
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = lora.lora_A.detach()   # (r, d_in)
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_B
+    params = dict(model.base.named_parameters())
+    modules_to_save = []
+    for name in extra:
+        hf_name = ours_module_to_hf(name)                           # model.embed_tokens, lm_head
+        if hf_name.rsplit(".", 1)[-1] in target_modules:
+            raise PeftConfigError(f"export_lora_to_hf_peft: {name} is both a LoRA target and trained in full "
+                                  f"(extra_trainable); peft cannot hold both on one module")
+        tensors[f"base_model.model.{hf_name}.weight"] = params[f"{name}.weight"].detach()      # (V, d)
+        modules_to_save.append(hf_name.rsplit(".", 1)[-1])
     config = model.peft_config
     hf_config = {
         "peft_type": "LORA",
@@ -65,7 +70,7 @@ def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) ->
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(modules_to_save) or None,
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
