@@ -127,6 +127,13 @@ def test_resume_checks_what_the_checkpoint_was_made_with(ws, tmp_path, capsys):
     other_data.write_text(json.dumps(json.loads(Path(ws["train"]).read_text())[::-1]))
     refused_in_process(capsys, ws, tmp_path, base_flags(ws, run, "--max-steps", "2", "--resume", run,
                                                         "--train-data", other_data), "train_data")
+    other_base = tmp_path / "other_base"                     # the same shapes, other weights
+    from minipeft.checkpoint import load_model, save_model
+    model = load_model(ws["model"])
+    model.norm.weight.data.add_(0.5)
+    save_model(model, model.config, other_base, tokenizer_path=ws["tokenizer"])
+    refused_in_process(capsys, ws, tmp_path, [*base_flags(ws, run, "--max-steps", "2", "--resume", run),
+                                              "--model", str(other_base)], "base_model")
     # a planted pickle in the run folder: refused, and its code never runs
     marker = tmp_path / "pwned"
     write_evil_pickle(run / "checkpoints" / "step-000009.pt", marker)

@@ -68,11 +68,13 @@ def main(argv=None) -> int:
 
 
 def one_line(err: BaseException) -> str:
-    """An error as one line: ours are (they name the flag, file or step); a library's first line, with its type."""
+    """An error as one line: ours are (they name the flag, file or step); a library's first three lines (a
+    DeepSpeed config's pydantic error: the model, the key, the problem), with its type."""
     text = str(err).strip()
     if isinstance(err, ValueError) and type(err).__module__.startswith("minipeft"):
         return " ".join(text.split())
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()][:3]
+    return f"{type(err).__name__}: {': '.join(lines)}"
 
 
 def train_and_report(cfg, ds_config, base, tokenizer, data, samples: int, started: float) -> int:
