@@ -226,7 +226,8 @@ def plot_losses(history, path: Path, title: str) -> None:
 def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path: Path) -> None:
     """Our checkpoint folder (config.json + model.safetensors + tokenizer.model) in fp16."""
     from minipeft.checkpoint import save_model
-    save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16)
+    save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16,
+               overwrite=True)                       # this run's own folder, re-saved at each checkpoint
 
 
 def main(argv=None) -> int:
