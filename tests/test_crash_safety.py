@@ -57,9 +57,33 @@ def training_steps(run_dir: Path) -> list:
     return [row["step"] for row in rows if "eval" not in row]
 
 
+def descendants(pid: int) -> list:
+    """Every process below `pid` (from /proc), children first."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int, seed: int) -> int:
-    """Start `command` in its own process group, kill -9 the whole group at a random point after checkpoint
-    step k (k random) appeared; returns k. Fails when the run ended before the kill."""
+    """Start `command`, kill -9 it and every process it started at a random point after checkpoint step k
+    (k random) appeared; returns k. Fails when the run ended before the kill."""
     rng = random.Random(seed)
     k = rng.randint(1, steps // 2)
     proc = subprocess.Popen(command, cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -68,8 +92,12 @@ def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int,
     while not any(checkpoints.glob(f"step-{k:06d}*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.01))
-    os.killpg(proc.pid, signal.SIGKILL)
+    family = [proc.pid] + descendants(proc.pid)      # torchrun's ranks are not in its process group
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while any(Path(f"/proc/{pid}").exists() and not is_zombie(pid) for pid in family[1:]):
+        time.sleep(0.01)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (run_dir / "adapter").exists(), "the run finished before the kill: the test would prove nothing"
     newest = max(int(p.name[5:11]) for p in checkpoints.glob("step-*"))
