@@ -43,6 +43,13 @@ def test_existing_run_folder_is_not_overwritten_subprocess(ws, tmp_path):
     done = run_tool("finetune", *base_flags(ws, run, "--max-steps", "1"))
     assert_refused(done.returncode, done.stderr, f"--out {run}", "holds another run", "--overwrite", before=before,
                    roots=roots)
+    # with --overwrite the old run's files are replaced: a loadable adapter, only the new run's metrics
+    (run / "keep.txt").write_text("not the run's")
+    assert tool_main("finetune").main(base_flags(ws, run, "--max-steps", "2", "--overwrite")) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "eval" not in line]
+    assert steps == [1, 2] and (run / "keep.txt").read_text() == "not the run's"
+    assert (run / "adapter" / "adapter.safetensors").read_bytes() != b"old weights"
 
 
 @pytest.mark.parametrize("flags, fragments", [
