@@ -242,12 +242,18 @@ class Trainer:
                 path.unlink()
 
     def forget_metrics_after(self, step: int) -> None:
-        """After a resume at `step`: drop the metrics lines of the steps that will be replayed."""
+        """After a resume at `step`: drop the metrics lines of the steps that will be replayed (and a line cut
+        short by the kill)."""
         path = self.run_dir / "metrics.jsonl"
         if not self.is_main or not path.is_file():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+
+        def keep(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except json.JSONDecodeError:
+                return False
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(line)]
         write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
 
     # -- checkpoints (checkpoints.py) and the final adapter
