@@ -81,9 +81,11 @@ def is_zombie(pid: int) -> bool:
         return True
 
 
-def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int, seed: int) -> int:
+def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int, seed: int,
+                          complete: str = "step-{k:06d}.pt") -> int:
     """Start `command`, kill -9 it and every process it started at a random point after checkpoint step k
-    (k random) appeared; returns k. Fails when the run ended before the kill."""
+    (k random) is complete (`complete`: its file, or a DeepSpeed tag's mark); returns k. Fails when the run
+    ended before the kill."""
     rng = random.Random(seed)
     k = rng.randint(1, steps // 3)
     log = run_dir.parent / f"{run_dir.name}.stderr"           # a file, not a pipe nobody reads (it would fill)
@@ -91,7 +93,7 @@ def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int,
         proc = subprocess.Popen(command, cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True, preexec_fn=lambda: os.nice(5))   # the watcher stays ahead
     deadline = time.monotonic() + 240
-    while not any(checkpoints.glob(f"step-{k:06d}*")) and proc.poll() is None and time.monotonic() < deadline:
+    while not (checkpoints / complete.format(k=k)).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.01))
     family = [proc.pid] + descendants(proc.pid)      # torchrun's ranks are not in its process group
@@ -147,7 +149,8 @@ def test_deepspeed_two_ranks_killed_and_resumed_is_bit_identical(ws, tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     run_dir = tmp_path / "killed"
     kill_after_checkpoint(launch_on_a_free_port() + run_flags(ws, run_dir, steps), run_dir,
-                          run_dir / "checkpoints" / "deepspeed", steps, seed=2)
+                          run_dir / "checkpoints" / "deepspeed", steps, seed=2,
+                          complete="step-{k:06d}/minipeft_complete.json")
     done = subprocess.run(launch_on_a_free_port() + run_flags(ws, run_dir, steps) + ["--resume", str(run_dir)], cwd=ROOT,
                           env=tool_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,7 +9,8 @@ What differs from the plain loop (DeepSpeedTrainer overrides exactly these):
 - backward / optimizer_step: DeepSpeed owns accumulation (engine.backward / engine.step after every
   micro-batch), clipping and fp16 loss scaling; the step's grad norm and skip flag are read back from it.
 - checkpoints: the engine's own (save_checkpoint / load_checkpoint, frozen parameters excluded), with the run
-  identity and the RNG states (checkpoints.py) as client state; the newest --keep-checkpoints tags are kept.
+  identity and the RNG states (checkpoints.py) as client state; a tag counts once rank 0 has marked it
+  complete after all ranks wrote it, and the newest --keep-checkpoints complete tags are kept.
   Every file of a tag is read once with torch.load(weights_only=True) before DeepSpeed reads it (DeepSpeed
   itself unpickles with weights_only=False), so a planted pickle is refused instead of run.
 - save_final: the fp32 master copy of each trainable parameter is gathered on every rank (full size, also
@@ -28,6 +29,7 @@ from typing import Dict, Optional
 import torch
 
 from ..distributed import is_partitioned
+from ..fileio import write_json_atomic
 from ..peft import save_adapter
 from . import checkpoints
 from .config import BASE_DTYPES, TrainConfig, TrainError
@@ -113,6 +115,9 @@ class DeepSpeedTrainer(Trainer):
 
     # -- checkpoints: the engine's own
     def save_checkpoint(self) -> Path:
+        """The engine's checkpoint as tag step-NNNNNN; once every rank has written its part, rank 0 marks the tag
+        complete (DeepSpeed's own `latest` is written before that, so a kill between leaves it naming a tag
+        that lacks a rank's files). Then only the newest keep_checkpoints complete tags are kept."""
         import shutil
         import torch.distributed as dist
         tag = f"step-{self.step:06d}"
@@ -122,23 +127,26 @@ class DeepSpeedTrainer(Trainer):
                                                   "rng": checkpoints.rng_state()})
         dist.barrier()                                    # every rank has written its part of the tag
         if self.is_main:
-            for old in sorted(root.glob("step-*"))[:-self.cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+            write_json_atomic(root / tag / COMPLETE_MARK, {"step": self.step, "world_size": self.world_size})
+            kept = {p.name for p in complete_tags(root)[-self.cfg.keep_checkpoints:]}
+            for old in root.glob("step-*"):
+                if old.name not in kept:
+                    shutil.rmtree(old)
         return root / tag
 
     def resume(self, where) -> None:
         where = Path(where)
         folder = where / "checkpoints" / "deepspeed" if (where / "checkpoints").is_dir() else where
-        if not (folder / "latest").is_file():
-            raise TrainError(f"--resume {where}: no DeepSpeed checkpoint (expected {folder}/latest)")
-        tag = (folder / "latest").read_text().strip()
-        if not (folder / tag).is_dir():
-            raise TrainError(f"--resume {folder}/latest: names the tag {tag!r}, which is not in {folder}")
+        tags = complete_tags(folder)
+        if not tags:
+            raise TrainError(f"--resume {where}: no complete DeepSpeed checkpoint (a step-* tag with {COMPLETE_MARK}) "
+                             f"in {folder}")
+        tag = tags[-1]
         with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
-            for path in sorted((folder / tag).glob("*.pt")):
+            for path in sorted(tag.glob("*.pt")):
                 checkpoints.load_plain(path, "DeepSpeed checkpoint file")
-        _, client = self.engine.load_checkpoint(str(folder), load_module_strict=False)
-        checkpoints.check_identity(self, client.get("identity", {}), str(folder))
+        _, client = self.engine.load_checkpoint(str(folder), tag=tag.name, load_module_strict=False)
+        checkpoints.check_identity(self, client.get("identity", {}), str(tag))
         self.step = client["step"]
         if client.get("rng") is not None:
             checkpoints.set_rng_state(client["rng"])
@@ -178,6 +186,14 @@ class DeepSpeedTrainer(Trainer):
                             p.data = working[name]
         dist.barrier()
         return folder
+
+
+COMPLETE_MARK = "minipeft_complete.json"       # written by rank 0 after every rank has saved its part of a tag
+
+
+def complete_tags(root: Path) -> list:
+    """The tags under `root` that every rank finished writing, oldest first."""
+    return sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE_MARK).is_file())
 
 
 def deepspeed_checkpoint_classes() -> list:
