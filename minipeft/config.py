@@ -53,6 +53,7 @@ class ModelConfig:
     sop_id: Optional[int] = None
 
     def __post_init__(self):
+        check_field_types(self)
         if self.family not in FAMILIES:
             raise ConfigError(f"family {self.family!r}: expected one of {', '.join(FAMILIES)}")
         if self.n_kv_heads is None:
@@ -109,7 +110,10 @@ class ModelConfig:
         for key in ("dim", "n_layers", "n_heads", "vocab_size"):
             if key not in d:
                 raise ConfigError(f"{source}: missing key {key!r}")
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -194,6 +198,28 @@ class ModelConfig:
         """The fields that decide weight shapes and numerics: an adapter trained on one base refuses a
         base whose fingerprint differs. (Adapters saved before `family` existed lack it: they are "llama".)"""
         return {k: v for k, v in self.to_dict().items() if k != "max_seq_len"}
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+POSITIVE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_hidden_dim",
+                   "max_seq_len", "norm_eps", "rope_theta", "ffn_dim_multiplier")
+
+
+def check_field_types(cfg) -> None:
+    """Each field has its declared type (an int field takes no 4.0 and no "192"; bool is not an int) and the
+    sizes are positive; ConfigError naming the field otherwise."""
+    for f in dataclasses.fields(cfg):
+        value, declared = getattr(cfg, f.name), str(f.type)
+        optional = declared.startswith("Optional[")
+        base = declared.removeprefix("Optional[").removesuffix("]") if optional else declared
+        if base not in _TYPES or (optional and value is None):
+            continue
+        wrong = not isinstance(value, _TYPES[base]) or (base != "bool" and isinstance(value, bool))
+        if wrong:
+            raise ConfigError(f"ModelConfig.{f.name} must be {'an' if base == 'int' else 'a'} {base}"
+                              f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})")
+        if f.name in POSITIVE_FIELDS and not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"ModelConfig.{f.name} must be positive, got {value!r}")
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:

@@ -155,13 +155,26 @@ def parse_records(values: Sequence, *, strict: bool = False, source: str = "reco
     return records, problems
 
 
+def read_text_file(path) -> str:
+    """The text of a UTF-8 file (a byte-order mark is dropped); DataError naming the file and the line of
+    the first byte that is not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+                        f"{err.start}); save the file as UTF-8") from None
+
+
 def read_records(path, *, strict: bool = False) -> Tuple[List[Record], List[Problem]]:
     """Read an Alpaca JSON list or JSON Lines file -> (records, problems). Lines that are not valid JSON
     are problems too (with their 0-based line index); a file that is neither format is a DataError."""
+    text = read_text_file(path)
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -336,33 +349,52 @@ def epoch_order(n: int, seed: int, epoch: int) -> List[int]:
 
 
 # ---- tokenized dataset files (tools/prepare_data.py) --------------------------------------------
-def save_tokenized(examples: Sequence[Example], path, meta: Optional[dict] = None) -> None:
+def save_tokenized(examples: Sequence[Example], path, meta: Optional[dict] = None, overwrite: bool = False) -> None:
     """Write examples as JSON Lines of {"input_ids", "labels", "prompt_len"}; the first line is a header
-    {"minipeft_tokenized": 1, ...meta}. Written to a temp name, then renamed."""
+    {"minipeft_tokenized": 1, ...meta}. Written atomically (fileio.write_atomic); an existing file is
+    replaced only when `overwrite` (DataError otherwise)."""
+    from .fileio import refuse_existing, write_atomic
     path = Path(path)
+    refuse_existing(path, overwrite, DataError)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"minipeft_tokenized": 1, **(meta or {})}) + "\n")
-        for e in examples:
-            f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels, "prompt_len": e.prompt_len}) + "\n")
-    tmp.replace(path)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"minipeft_tokenized": 1, **(meta or {})}) + "\n")
+            for e in examples:
+                f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels, "prompt_len": e.prompt_len}) + "\n")
+    write_atomic(path, write)
 
 
 def load_tokenized(path) -> Tuple[List[Example], dict]:
-    """Read a file written by save_tokenized -> (examples, header)."""
+    """Read a file written by save_tokenized -> (examples, header). DataError naming the file and line for
+    anything else."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text_file(path).splitlines()
     try:
         header = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError:
         header = {}
-    if header.get("minipeft_tokenized") != 1:
+    if not isinstance(header, dict) or header.get("minipeft_tokenized") != 1:
         raise DataError(f"{path} is not a tokenized dataset written by tools/prepare_data.py (no header line)")
     examples = []
     for line_no, line in enumerate(lines[1:], start=2):
-        row = json.loads(line)
-        if len(row["input_ids"]) != len(row["labels"]):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            input_ids, labels, prompt_len = row["input_ids"], row["labels"], row["prompt_len"]
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {line_no}: not valid JSON ({err.msg})") from None
+        except (KeyError, TypeError):
+            raise DataError(f"{path}: line {line_no}: expected an object with input_ids, labels, prompt_len") from None
+        if not (isinstance(input_ids, list) and isinstance(labels, list) and all(type(i) is int for i in input_ids)
+                and all(type(i) is int for i in labels) and type(prompt_len) is int):
+            raise DataError(f"{path}: line {line_no}: input_ids and labels must be lists of integers, prompt_len "
+                            f"an integer")
+        if len(input_ids) != len(labels):
             raise DataError(f"{path}: line {line_no}: input_ids and labels differ in length")
-        examples.append(Example(row["input_ids"], row["labels"], row["prompt_len"]))
+        if not input_ids:
+            raise DataError(f"{path}: line {line_no}: empty example")
+        examples.append(Example(input_ids, labels, prompt_len))
     return examples, header

@@ -7,10 +7,14 @@ the file. The one home of these chores: every writer in the package and the tool
     write_safetensors_atomic(path, tensors)
     atomic_folder(target, overwrite)  a temp folder next to `target` that becomes `target` when the block ends
                                       without an error (and is removed otherwise)
+    refuse_existing(path, overwrite)  the rule of every writer: an existing file or folder is
+                                      replaced only when the caller passed overwrite (the --overwrite flag)
     read_json(path, error)            a dict from a JSON file, or `error("<path>: what is wrong")`
+    file_sha256(path)                 the SHA-256 of a file (a tokenizer's identity in a tokenized file)
 
 Temporary names start with "." and contain ".tmp-<pid>", so `remove_stale_temporaries` can clean up what a
-killed process left behind (only entries whose process no longer runs).
+killed process left behind (only entries whose process no longer runs); write_atomic and atomic_folder call it
+on the folder they write into.
 """
 
 from __future__ import annotations
@@ -41,10 +45,22 @@ def default_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def refuse_existing(path, overwrite: bool, error: Type[Exception] = FileExistsError, what: str = "output") -> None:
+    """Raise `error` (naming `path` and --overwrite) when `path` exists (a file or a folder, even an empty
+    one) and not `overwrite`."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return
+    kind = "folder" if path.is_dir() else "file"
+    raise error(f"{path}: {what} {kind} already exists; choose a new path, remove it, or pass --overwrite "
+                f"(overwrite=True) to replace it")
+
+
 def write_atomic(path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_path), then rename tmp_path to `path` (an existing file is replaced in one step).
     The file gets the umask's default mode, whatever `write` created it with."""
     path = Path(path)
+    remove_stale_temporaries(path.parent)
     tmp = _temp_name(path)
     try:
         write(tmp)
@@ -80,12 +96,14 @@ def _default_permissions(folder: Path) -> None:
 @contextmanager
 def atomic_folder(target, overwrite: bool = False, error: Type[Exception] = FileExistsError):
     """Yield a fresh temp folder next to `target`; when the block ends without an error it becomes `target`
-    (replacing an existing one only when `overwrite`), otherwise it is removed. An existing `target` without
-    `overwrite` raises `error` before anything is written."""
+    as a whole (replacing an existing one, and everything in it, only when `overwrite`), otherwise it is removed. An existing `target` without `overwrite` raises `error` before
+    anything is written. A kill at any point leaves either the old `target` or the new one, never a mixture."""
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise error(f"{target}: output folder already exists; choose a new path or remove it (or pass --overwrite)")
+    refuse_existing(target, overwrite, error)
+    if target.exists() and not target.is_dir():
+        raise error(f"{target}: is a file; the output here is a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
@@ -116,6 +134,16 @@ def read_json(path, error: Type[Exception] = ValueError, what: str = "a JSON obj
     if not isinstance(data, dict):
         raise error(f"{path}: expected {what}, got a JSON {type(data).__name__}")
     return data
+
+
+def file_sha256(path) -> str:
+    """The hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _pid_running(pid: int) -> bool:

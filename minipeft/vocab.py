@@ -46,6 +46,8 @@ from typing import Dict, Iterable, List, Union
 import torch
 import torch.nn as nn
 
+from .fileio import refuse_existing, write_atomic
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["VocabError", "merge_sentencepiece_models", "check_extends", "tokens_per_char", "resize_vocab",
@@ -125,10 +127,17 @@ def has_cjk(text: str) -> bool:
 # ================================================================================================
 
 def merge_sentencepiece_models(base_model_path: PathLike, extra_model_path: PathLike, out_path: PathLike,
-                               *, require_cjk: bool = True) -> Dict[str, int]:
+                               *, require_cjk: bool = True, overwrite: bool = False) -> Dict[str, int]:
     """Write `out_path`: the base model with the extra model's new NORMAL pieces appended (see the module
     docstring for the scores and the CJK rule). Returns counts: base_size, extra_size, added, new_size,
-    skipped_present, skipped_special (byte / control / unknown / user-defined / unused), skipped_non_cjk."""
+    skipped_present, skipped_special (byte / control / unknown / user-defined / unused), skipped_non_cjk.
+    `out_path` may not be one of the inputs; an existing file is replaced only when `overwrite`."""
+    out_path = Path(out_path)
+    for name, given in (("base", base_model_path), ("extra", extra_model_path)):
+        if out_path.resolve() == Path(given).resolve():
+            raise VocabError(f"{out_path}: the extended tokenizer must go to a new file, not over the {name} "
+                             f"tokenizer it is made from")
+    refuse_existing(out_path, overwrite, VocabError)
     base = load_model_proto(base_model_path, "base tokenizer")
     extra = load_model_proto(extra_model_path, "extra tokenizer")
     Piece = type(base.pieces[0])
@@ -162,15 +171,9 @@ def merge_sentencepiece_models(base_model_path: PathLike, extra_model_path: Path
     stats["new_size"] = len(base.pieces)
     base.trainer_spec.vocab_size = len(base.pieces)
 
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(base.SerializeToString())
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    data = base.SerializeToString()
+    write_atomic(out_path, lambda tmp: tmp.write_bytes(data))
     return stats
 
 
@@ -237,7 +240,7 @@ def resize_vocab(model, new_vocab_size: int, init: str = "mean"):
 
 
 def resize_checkpoint(src_folder: PathLike, dst_folder: PathLike, tokenizer_path: PathLike,
-                      init: str = "mean") -> Dict[str, object]:
+                      init: str = "mean", overwrite: bool = False) -> Dict[str, object]:
     """Load the checkpoint in src_folder, grow its vocabulary to the pieces of `tokenizer_path`, and save
     it with that tokenizer as a new checkpoint folder dst_folder. If src_folder has a tokenizer.model, the
     new tokenizer must extend it (every old piece at its old id). Returns old/new vocab sizes and paths."""
@@ -245,6 +248,7 @@ def resize_checkpoint(src_folder: PathLike, dst_folder: PathLike, tokenizer_path
     src_folder, dst_folder, tokenizer_path = Path(src_folder), Path(dst_folder), Path(tokenizer_path)
     if dst_folder.resolve() == src_folder.resolve():
         raise VocabError(f"{dst_folder}: the resized checkpoint must go to a new folder, not over its source")
+    refuse_existing(dst_folder, overwrite, VocabError)
     load_model_proto(tokenizer_path, "new tokenizer")
     new_vocab_size = tokenizer_vocab_size(tokenizer_path)
     src_tokenizer = src_folder / TOKENIZER_NAME
@@ -256,7 +260,7 @@ def resize_checkpoint(src_folder: PathLike, dst_folder: PathLike, tokenizer_path
         raise VocabError(f"{tokenizer_path} has {new_vocab_size} pieces but the checkpoint {src_folder} has a "
                          f"vocabulary of {old_vocab_size}; the tokenizer must have at least as many pieces")
     resize_vocab(model, new_vocab_size, init=init)
-    save_model(model, model.config, dst_folder, tokenizer_path=tokenizer_path)
+    save_model(model, model.config, dst_folder, tokenizer_path=tokenizer_path, overwrite=overwrite)
     return {"old_vocab_size": old_vocab_size, "new_vocab_size": new_vocab_size, "added_rows": new_vocab_size -
             old_vocab_size, "src": str(src_folder), "out": str(dst_folder)}
 

@@ -209,8 +209,10 @@ def test_save_load_round_trip_is_exact(small_model, small_cfg, tmp_path, max_sha
     assert set(loaded.state_dict()) == set(original)
     for key, tensor in loaded.state_dict().items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, original[key]), key
-    # saving again over the same folder replaces it cleanly
-    save_model(small_model.state_dict(), small_cfg, folder)
+    # saving again over the same folder is refused; with overwrite=True it replaces it cleanly
+    with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+        save_model(small_model.state_dict(), small_cfg, folder)
+    save_model(small_model.state_dict(), small_cfg, folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert no_leftovers(tmp_path, "ckpt.tmp")
 
@@ -265,7 +267,7 @@ def test_meta_extra_shard(meta_state, tmp_path):
 
 def test_meta_norms_must_agree(meta_state, tmp_path):
     meta = write_meta_checkpoint(meta_state, META_PARAMS, tmp_path / "meta", n_shards=2)
-    shard = torch.load(meta / "consolidated.01.pth")
+    shard = torch.load(meta / "consolidated.01.pth", weights_only=True)
     shard["layers.1.ffn_norm.weight"] = shard["layers.1.ffn_norm.weight"] + 1
     torch.save(shard, meta / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth.*layers\.1\.ffn_norm\.weight.*replicated"):

@@ -145,7 +145,7 @@ def test_zero3_adapter_is_complete_and_reloads(two_rank_run):
     ws, out, facts = two_rank_run
     from safetensors.torch import load_file
     saved = load_file(str(out / "zero3_offload_la" / "adapter" / "adapter.safetensors"))
-    consolidated = torch.load(out / "zero3_offload_la_zero_to_fp32.pt")
+    consolidated = torch.load(out / "zero3_offload_la_zero_to_fp32.pt", weights_only=True)
     assert len(saved) == 2 * 2                                   # prompt + gate on each of the 2 layers
     for key, tensor in saved.items():
         assert torch.equal(tensor, consolidated["base." + key]), key
@@ -153,7 +153,7 @@ def test_zero3_adapter_is_complete_and_reloads(two_rank_run):
     prompt_key = next(k for k in saved if saved[k].numel() == 4 * cfg.dim)     # K x d: the full tensor
     assert saved[prompt_key].shape == (4, cfg.dim)
 
-    reference = torch.load(out / "zero3_offload_la_logits.pt")
+    reference = torch.load(out / "zero3_offload_la_logits.pt", weights_only=True)
     model = load_adapter(load_model(ws["model"]), out / "zero3_offload_la" / "adapter", method="llama_adapter")
     with torch.no_grad():
         logits = model(reference["input_ids"])

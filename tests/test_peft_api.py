@@ -290,3 +290,26 @@ def test_export_refuses_merged_and_non_lora(small_model, tmp_path):
     with pytest.raises(PeftConfigError, match="needs a PeftModel with LoRA"):
         export_lora_to_hf_peft(apply_peft(small_model, PrefixConfig(prefix_len=2)), tmp_path / "y")
     assert isinstance(model.base.layers[0].attention.wq, LoRALinear)
+
+
+def test_export_with_trainable_embeddings_matches_hf_peft(tmp_path):
+    """A LoRA trained with extra_trainable (after a vocabulary extension) exports its full embedding and output
+    as peft's modules_to_save: peft's model gives our logits (without them it would not)."""
+    from helpers_peft import tiny_hf_pair
+    from peft import PeftModel
+
+    hf, ours, cfg = tiny_hf_pair(n_layers=2)
+    tokens = make_tokens(cfg, (2, 9))
+    model = apply_peft(copy.deepcopy(ours), LoRAConfig(rank=4, alpha=8, targets=("wq", "wv"),
+                                                        extra_trainable=("tok_embeddings", "output"))).eval()
+    perturb_trainable(model, seed=3, scale=0.3)
+    export_lora_to_hf_peft(model, tmp_path / "hf_lora")
+    exported = json.loads((tmp_path / "hf_lora" / "adapter_config.json").read_text())
+    assert exported["modules_to_save"] == ["embed_tokens", "lm_head"]
+    loaded = PeftModel.from_pretrained(hf, str(tmp_path / "hf_lora")).eval()
+    with torch.no_grad():
+        theirs = loaded(tokens).logits
+        assert relative_error(model(tokens), theirs) < 1e-5
+        assert relative_error(ours(tokens), theirs) > 1e-2
+    with pytest.raises(PeftConfigError, match="already exists"):
+        export_lora_to_hf_peft(model, tmp_path / "hf_lora")

@@ -19,8 +19,9 @@ from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoi
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="Meta, or Hugging Face LLaMA / BLOOM, checkpoint folder")
-    parser.add_argument("out", help="output folder (must not exist)")
+    parser.add_argument("src", help="Meta, or Hugging Face LLaMA / BLOOM / ChatGLM, checkpoint folder")
+    parser.add_argument("out", help="output folder (must not exist, or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder (as a whole, at the end)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="convert floating-point weights to this dtype (default: keep the source's)")
     parser.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE),
@@ -29,9 +30,9 @@ def main(argv=None) -> int:
     try:
         summary = convert_checkpoint(args.src, args.out, dtype=DTYPES.get(args.dtype),
                                      max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit()
-                                     else args.max_shard_size)
-    except ValueError as e:    # CheckpointError / ConfigError: the message names the file and the problem
-        print(f"error: {e}", file=sys.stderr)
+                                     else args.max_shard_size, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:    # CheckpointError / ConfigError: the message names the file and the problem
+        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 1
     cfg = summary["config"]
     print(f"format detected : {summary['format']}")

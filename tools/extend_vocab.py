@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
 
+from minipeft.fileio import refuse_existing  # noqa: E402
 from minipeft.tokenizer import Tokenizer  # noqa: E402
-from minipeft.vocab import (merge_sentencepiece_models, resize_checkpoint, tokens_per_char,  # noqa: E402
+from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,  # noqa: E402
                             train_sentencepiece)
 
 
@@ -33,7 +34,10 @@ def read_texts(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
     if path.suffix in (".json", ".jsonl"):
         try:
             records = (json.loads(raw) if path.suffix == ".json"
@@ -52,6 +56,24 @@ def read_texts(path) -> list:
     return lines
 
 
+def check_outputs(args) -> None:
+    """Before any work: --out is a new file (never an input, never inside the checkpoint being read) and
+    --checkpoint-out a new folder, unless --overwrite."""
+    out = Path(args.out).resolve()
+    inputs = [args.base_tokenizer, args.extra_tokenizer, args.corpus, args.sample, args.save_extra]
+    for given in filter(None, inputs):
+        if out == Path(given).resolve():
+            raise VocabError(f"--out {args.out}: is also an input ({given}); write the extended tokenizer to a new file")
+    if args.checkpoint and Path(args.checkpoint).resolve() in out.parents:
+        raise VocabError(f"--out {args.out}: is inside --checkpoint {args.checkpoint}, which would then no longer "
+                         f"load; write it elsewhere (--checkpoint-out gets a copy)")
+    refuse_existing(out, args.overwrite, VocabError)
+    if args.checkpoint_out:
+        if Path(args.checkpoint_out).resolve() == Path(args.checkpoint).resolve():
+            raise VocabError(f"--checkpoint-out {args.checkpoint_out}: is --checkpoint; write the resized model to a new folder")
+        refuse_existing(args.checkpoint_out, args.overwrite, VocabError)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-tokenizer", required=True, help="the SentencePiece tokenizer.model to extend")
@@ -67,12 +89,14 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", help="text to measure tokens per character on (default: the corpus)")
     parser.add_argument("--checkpoint", help="a checkpoint folder to resize to the extended vocabulary")
     parser.add_argument("--checkpoint-out", help="where to write the resized checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out / --checkpoint-out")
     args = parser.parse_args(argv)
     if (args.checkpoint is None) != (args.checkpoint_out is None):
         parser.error("--checkpoint and --checkpoint-out go together")
     if args.vocab_size < 1:
         parser.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
     try:
+        check_outputs(args)
         corpus = read_texts(args.corpus) if args.corpus else None
         sample = read_texts(args.sample) if args.sample else corpus
         with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +106,7 @@ def main(argv=None) -> int:
                 print(f"trained a BPE SentencePiece model on {len(corpus):,} lines of {args.corpus}: "
                       f"{Tokenizer(extra).vocab_size:,} pieces" + (f" -> {extra}" if args.save_extra else ""))
             stats = merge_sentencepiece_models(args.base_tokenizer, extra, args.out,
-                                               require_cjk=not args.all_pieces)
+                                               require_cjk=not args.all_pieces, overwrite=args.overwrite)
         print(f"base pieces     : {stats['base_size']:,}")
         print(f"pieces added    : {stats['added']:,} (skipped: {stats['skipped_present']:,} already present, "
               f"{stats['skipped_special']:,} byte/control, {stats['skipped_non_cjk']:,} without CJK)")
@@ -94,11 +118,11 @@ def main(argv=None) -> int:
             print(f"tokens per char : {before:.3f} before, {after:.3f} after ({after / before:.1%} of before) "
                   f"on {sum(map(len, sample)):,} characters of {where}")
         if args.checkpoint:
-            summary = resize_checkpoint(args.checkpoint, args.checkpoint_out, args.out)
+            summary = resize_checkpoint(args.checkpoint, args.checkpoint_out, args.out, overwrite=args.overwrite)
             print(f"checkpoint      : vocab {summary['old_vocab_size']:,} -> {summary['new_vocab_size']:,} "
                   f"(new rows = mean of the old rows) -> {summary['out']}")
-    except ValueError as e:   # VocabError, CheckpointError, TokenizerError: the message names the file
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:   # VocabError, CheckpointError, TokenizerError: the message names the file
+        print(f"extend_vocab.py: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -57,10 +57,28 @@ def main(argv=None) -> int:
     try:
         cfg = with_shipped_defaults(config_from_args(args))
         cfg, ds_config, base, tokenizer, data = prepare_run(cfg)
-    except (TrainError, ValueError) as err:     # bad flags, data, model or DeepSpeed config: before any work
-        print(f"finetune.py: error: {err}", file=sys.stderr)
+    except (TrainError, ValueError, OSError) as err:   # bad flags, data, model or DeepSpeed config: before any work
+        print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)
         return 2
+    try:
+        return train_and_report(cfg, ds_config, base, tokenizer, data, args.samples, started)
+    except (ValueError, OSError, RuntimeError, AssertionError) as err:   # TrainError, PeftConfigError, DeepSpeed's
+        print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)  # config errors, a device, a non-finite loss
+        return 1
 
+
+def one_line(err: BaseException) -> str:
+    """An error as one line: ours are (they name the flag, file or step); a library's first three lines (a
+    DeepSpeed config's pydantic error: the model, the key, the problem), with its type."""
+    text = str(err).strip()
+    if isinstance(err, ValueError) and type(err).__module__.startswith("minipeft"):
+        return " ".join(text.split())
+    lines = [line.strip() for line in text.splitlines() if line.strip()][:3]
+    return f"{type(err).__name__}: {': '.join(lines)}"
+
+
+def train_and_report(cfg, ds_config, base, tokenizer, data, samples: int, started: float) -> int:
+    """Train, evaluate before and after, save the adapter, print the comparison."""
     trainer = build_trainer(cfg, base, tokenizer, data, ds_config)
     say = print if trainer.is_main else (lambda *a, **k: None)
     for line in data.report:
@@ -90,7 +108,7 @@ def main(argv=None) -> int:
     say(f"{'after':12}{show(after, 'val_loss', '{:10.4f}')}{show(after, 'exact_match', '{:14.1%}')}")
     if before_texts and after_texts:
         say("\nheld-out examples (instruction | expected | before | after):")
-        for record, b, a in list(zip(data.val_records, before_texts, after_texts))[:args.samples]:
+        for record, b, a in list(zip(data.val_records, before_texts, after_texts))[:samples]:
             say(f"  {shorten(record.instruction + (' / ' + record.input if record.input else ''), 48)}\n"
                 f"      expected: {shorten(record.output, 60)}\n"
                 f"      before:   {shorten(b, 60)}\n"

@@ -47,6 +47,8 @@ def main(argv=None) -> int:
         print(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer PATH", file=sys.stderr)
         return 1
     try:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no CUDA device")
         model = load_model(args.checkpoint, dtype=DTYPES.get(args.dtype), device=args.device)
         family = model.config.family
         tokenizer = Tokenizer(tokenizer_path) if family == "llama" else tokenizer_for(family, tokenizer_path)
@@ -58,10 +60,16 @@ def main(argv=None) -> int:
             model = load_adapter(model, args.adapter).to(args.device).eval()
         texts = [PROMPT_FORMATS[family].render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
+        limit = model.config.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + args.max_new_tokens > limit:
+                print(f"generate.py: warning: --prompt {i + 1}: {len(prompt)} tokens + --max-new-tokens "
+                      f"{args.max_new_tokens} go past the model's max_seq_len {limit} ({args.checkpoint}/config.json); "
+                      f"positions beyond it were never trained, expect worse text there", file=sys.stderr)
         outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
-    except ValueError as e:   # CheckpointError, TokenizerError, PeftConfigError, GenerationError: clear messages
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:   # CheckpointError, TokenizerError, PeftConfigError, GenerationError
+        print(f"generate.py: error: {e}", file=sys.stderr)
         return 1
 
     for i, (text, prompt_ids, new_ids) in enumerate(zip(texts, prompts, outputs)):

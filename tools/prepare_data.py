@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split  # noqa: E402
+from minipeft.fileio import refuse_existing  # noqa: E402
 
 
 def default_tokenizer() -> str:
@@ -38,35 +39,48 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.0, help="also write a seeded validation split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
     parser.add_argument("--out", help="output file (default: <data>.tokenized.jsonl)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--family", default="llama", choices=("llama", "chatglm", "chatglm2", "bloom"),
                         help="the model family: its tokenizer rules and chat format (default llama: Alpaca)")
     args = parser.parse_args(argv)
 
     from minipeft.families import tokenizer_for
+    from minipeft.fileio import file_sha256
     tokenizer_path = args.tokenizer or default_tokenizer()
     out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
     try:
         tokenizer = tokenizer_for(args.family, tokenizer_path)
         encoder = AlpacaEncoder(tokenizer, args.max_seq_len, train_on_prompt=args.train_on_prompt)
         records, problems = read_records(args.data, strict=args.strict)
+        if not records:
+            reasons = "; ".join(str(p) for p in problems[:5]) + (" ..." if len(problems) > 5 else "")
+            raise DataError(f"{args.data}: no usable records ({reasons}); expected Alpaca records as a JSON list "
+                            f"or JSON Lines")
         splits = {"": records}
         if args.val_fraction > 0:
             train, val = train_val_split(records, args.val_fraction, args.seed)
             splits = {"": train, ".val": val}
-    except ValueError as err:
+        paths = {suffix: out if not suffix else out.with_name(out.name.removesuffix(".jsonl") + f"{suffix}.jsonl")
+                 for suffix in splits}
+        for path in paths.values():
+            for name, given in (("input data", args.data), ("tokenizer", tokenizer_path)):
+                if path.resolve() == Path(given).resolve():
+                    raise DataError(f"--out {path}: is the {name}; write the tokenized file to a new path")
+            refuse_existing(path, args.overwrite, DataError)
+        meta = {"source": str(args.data), "tokenizer": str(tokenizer_path), "tokenizer_sha256": file_sha256(tokenizer_path),
+                "vocab_size": tokenizer.vocab_size, "max_seq_len": args.max_seq_len,
+                "train_on_prompt": args.train_on_prompt}
+        for problem in problems:
+            print(f"skipped {problem}")
+        for suffix, split in splits.items():
+            examples, stats = encoder.encode_all(split)
+            save_tokenized(examples, paths[suffix], meta, overwrite=args.overwrite)
+            print(f"{paths[suffix]}: {stats.summary()}")
+            if stats.dropped_indices:
+                print(f"  dropped (index within this split): {stats.dropped_indices[:20]}")
+    except (ValueError, OSError) as err:
         print(f"prepare_data.py: error: {err}", file=sys.stderr)
         return 2
-    for problem in problems:
-        print(f"skipped {problem}")
-    meta = {"source": str(args.data), "tokenizer": str(tokenizer_path), "max_seq_len": args.max_seq_len,
-            "train_on_prompt": args.train_on_prompt}
-    for suffix, split in splits.items():
-        examples, stats = encoder.encode_all(split)
-        path = out if not suffix else out.with_name(out.name.removesuffix(".jsonl") + f"{suffix}.jsonl")
-        save_tokenized(examples, path, meta)
-        print(f"{path}: {stats.summary()}")
-        if stats.dropped_indices:
-            print(f"  dropped (index within this split): {stats.dropped_indices[:20]}")
     print(f"{len(problems)} malformed records skipped")
     return 0
 

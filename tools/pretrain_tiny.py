@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from minipeft.config import ModelConfig  # noqa: E402
+from minipeft.fileio import write_atomic  # noqa: E402
 from minipeft.model import Transformer  # noqa: E402
 
 
@@ -186,15 +187,11 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def plot_losses(history, path: Path, title: str) -> None:
@@ -229,7 +226,8 @@ def plot_losses(history, path: Path, title: str) -> None:
 def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path: Path) -> None:
     """Our checkpoint folder (config.json + model.safetensors + tokenizer.model) in fp16."""
     from minipeft.checkpoint import save_model
-    save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16)
+    save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16,
+               overwrite=True)                       # this run's own folder, re-saved at each checkpoint
 
 
 def main(argv=None) -> int:
@@ -355,7 +353,7 @@ def main(argv=None) -> int:
     if args.resume is not None:
         if not args.resume.is_file():
             raise PretrainError(f"--resume {args.resume}: no such file")
-        state = torch.load(args.resume, map_location=device, weights_only=False)
+        state = torch.load(args.resume, map_location=device, weights_only=True)
         if state["config"] != cfg.to_dict():
             raise PretrainError(f"--resume {args.resume}: saved config {state['config']} differs from the "
                                 f"flags' config {cfg.to_dict()}")

@@ -4,6 +4,7 @@ Every error is a CheckpointError that names the file (and the key)."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -99,8 +100,13 @@ def torch_load(path: Path) -> dict:
     """A .pth/.bin state dict, memory-mapped (tensors are paged in from disk only when used)."""
     try:
         state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:          # weights_only=True met a global: code, never run
+        found = [line for line in str(e).splitlines() if "GLOBAL" in line]
+        raise CheckpointError(f"{path}: refused: it holds more than tensors and plain data (loading it could run "
+                              f"code){': ' + found[0].strip() if found else ''}") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return state
@@ -145,8 +151,8 @@ def check_tokenizer_fits(path: Path, vocab_size: int, where: str, allow_extra_mo
         allow_extra_model_rows = True
     fits = pieces <= vocab_size if allow_extra_model_rows else pieces == vocab_size
     if not fits:
-        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but {where} gives the model a vocabulary "
-                              f"of {vocab_size}")
+        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is {vocab_size} "
+                              f"({where})")
 
 
 def weight_files(folder: Path, single: str, index: str) -> Optional[List[Tuple[Path, Optional[List[str]]]]]:

@@ -20,11 +20,21 @@ from .writer import ShardWriter, parse_size
 
 def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], cfg: ModelConfig, folder,
                tokenizer_path=None, dtype: Optional[torch.dtype] = None,
-               max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> Path:
+               max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
     """Write our checkpoint folder (config.json + model.safetensors or shards [+ tokenizer.model, or
-    tokenizer.json for a .json tokenizer]).
-    An existing folder is replaced only once the new one is completely written."""
+    tokenizer.json for a .json tokenizer]). An existing folder is refused (CheckpointError) unless
+    `overwrite`; then it is replaced as a whole, and only once the new one is completely written."""
     folder = Path(folder)
+    with atomic_folder(folder, overwrite=overwrite, error=CheckpointError) as tmp:
+        write_model_files(model_or_state_dict, cfg, tmp, tokenizer_path, dtype, max_shard_size)
+    return folder
+
+
+def write_model_files(model_or_state_dict, cfg: ModelConfig, folder: Path, tokenizer_path=None,
+                      dtype: Optional[torch.dtype] = None,
+                      max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """The files of our checkpoint folder, written into the (temporary) folder `folder`, after every key and
+    shape was checked against `cfg` (CheckpointError otherwise)."""
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     checker = TensorChecker(cfg, "the given ModelConfig")
     for key, tensor in state.items():
@@ -32,15 +42,13 @@ def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], c
     checker.finish("state dict to save")
     if tokenizer_path is not None:
         _check_tokenizer_file(Path(tokenizer_path), cfg)
-    with atomic_folder(folder, overwrite=True, error=CheckpointError) as tmp:
-        writer = ShardWriter(tmp, parse_size(max_shard_size), dtype)
-        for key, tensor in state.items():
-            writer.add(key, tensor)
-        writer.finish()
-        cfg.save(tmp / CONFIG_NAME)
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / tokenizer_file_name(Path(tokenizer_path)))
-    return folder
+    writer = ShardWriter(folder, parse_size(max_shard_size), dtype)
+    for key, tensor in state.items():
+        writer.add(key, tensor)
+    writer.finish()
+    cfg.save(folder / CONFIG_NAME)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, folder / tokenizer_file_name(Path(tokenizer_path)))
 
 
 def _check_tokenizer_file(path: Path, cfg: ModelConfig) -> None:
@@ -81,16 +89,18 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device="cpu"):
 
 
 def convert_checkpoint(src, out, dtype: Optional[torch.dtype] = None,
-                       max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> dict:
+                       max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> dict:
     """Convert a Meta or Hugging Face LLaMA folder (or one of ours) into our folder format, tensor by tensor.
 
-    Returns a summary: format, num_parameters, dtype, out. `out` must not exist yet; on any failure it is
-    not created."""
+    Returns a summary: format, num_parameters, dtype, out. `out` must not exist yet (or be empty) unless
+    `overwrite`; on any failure it is not created (or left as it was)."""
+    if Path(out).resolve() == Path(src).resolve():
+        raise CheckpointError(f"{out}: the converted checkpoint must go to a new folder, not over its source")
     reader = open_checkpoint(src)
     cfg = reader.config()
     checker = TensorChecker(cfg, str(Path(src) / reader.config_file))
     dtypes_seen = set()
-    with atomic_folder(Path(out), overwrite=False, error=CheckpointError) as tmp:
+    with atomic_folder(Path(out), overwrite=overwrite, error=CheckpointError) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size), dtype)
         for key, tensor, source in reader.tensors(cfg):
             checker.check(key, tensor, source)

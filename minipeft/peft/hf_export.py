@@ -18,16 +18,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import write_json_atomic, write_safetensors_atomic
+from ..fileio import atomic_folder, write_json_atomic, write_safetensors_atomic
 from .api import lora_modules
 from .config import PeftConfigError
 from .peft_model import PeftModel
 
 
-def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
+def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) -> Path:
     """Write `folder`/adapter_config.json + adapter_model.safetensors in Hugging Face peft's LoRA layout for a
-    transformers LlamaForCausalLM (BloomForCausalLM for a BLOOM) of the same weights (see the module docstring)."""
+    transformers LlamaForCausalLM (BloomForCausalLM for a BLOOM) of the same weights (see the module docstring).
+    The folder appears whole or not at all; an existing one is refused unless `overwrite`. Base modules the LoRA
+    also trained in full (`extra_trainable`: tok_embeddings, output) are exported as peft's `modules_to_save`
+    (embed_tokens, lm_head), saved under base_model.model.<HF module name>.weight as peft saves them."""
     from ..checkpoint import bloom_module_to_hf, ours_module_to_hf, permute_for_hf
+    extra = tuple(getattr(model.peft_config, "extra_trainable", ()) or ())
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
     if cfg.family not in ("llama", "bloom"):
@@ -49,6 +53,15 @@ def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
         target_modules.add(hf_name.rsplit(".", 1)[-1])
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = lora.lora_A.detach()   # (r, d_in)
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = lora_B
+    params = dict(model.base.named_parameters())
+    modules_to_save = []
+    for name in extra:
+        hf_name = module_to_hf(name)                                # model.embed_tokens, lm_head
+        if hf_name.rsplit(".", 1)[-1] in target_modules:
+            raise PeftConfigError(f"export_lora_to_hf_peft: {name} is both a LoRA target and trained in full "
+                                  f"(extra_trainable); peft cannot hold both on one module")
+        tensors[f"base_model.model.{hf_name}.weight"] = params[f"{name}.weight"].detach()      # (V, d)
+        modules_to_save.append(hf_name.rsplit(".", 1)[-1])
     config = model.peft_config
     hf_config = {
         "peft_type": "LORA",
@@ -64,13 +77,13 @@ def export_lora_to_hf_peft(model: PeftModel, folder) -> Path:
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(modules_to_save) or None,
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors_atomic(folder / "adapter_model.safetensors", tensors)
-    write_json_atomic(folder / "adapter_config.json", hf_config)
+    with atomic_folder(folder, overwrite=overwrite, error=PeftConfigError) as tmp:
+        write_safetensors_atomic(tmp / "adapter_model.safetensors", tensors)
+        write_json_atomic(tmp / "adapter_config.json", hf_config)
     return folder

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..families import is_decoder
-from ..fileio import read_json, write_json_atomic, write_safetensors_atomic
+from ..fileio import atomic_folder, read_json, write_json_atomic, write_safetensors_atomic
 from .api import apply_peft
 from .config import PeftConfigError, config_fields
 from .peft_model import PeftModel
@@ -42,26 +42,28 @@ def minipeft_version() -> str:
         return getattr(minipeft, "__version__", "unknown")
 
 
-def save_adapter(model: PeftModel, folder) -> Path:
+def save_adapter(model: PeftModel, folder, overwrite: bool = False) -> Path:
     """Write `folder`/adapter_config.json (method, hyper-parameters, base fingerprint, version) and
     `folder`/adapter.safetensors (only the method's tensors; a prefix folded to plain tensors). For "full",
-    the whole model is written with checkpoint.save_model (config.json + model.safetensors) instead."""
+    the whole model is written (checkpoint.write_model_files: config.json + model.safetensors) instead.
+    The folder appears whole or not at all (fileio.atomic_folder): an existing non-empty folder is refused
+    (PeftConfigError) unless `overwrite`, and then replaced as a whole once the new one is complete."""
     if not isinstance(model, PeftModel):
         raise PeftConfigError(f"save_adapter takes a PeftModel (from apply_peft), got {type(model).__name__}")
     folder = Path(folder)
-    if model.trains_base:
-        from ..checkpoint import save_model
-        save_model(model.base, model.base.config, folder)
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(folder / ADAPTER_WEIGHTS_NAME, model.adapter_state_dict())
     description = {
         "method": model.method,
         "config": config_fields(model.peft_config),
         "base_config": model.base.config.fingerprint(),
         "minipeft_version": minipeft_version(),
     }
-    write_json_atomic(folder / ADAPTER_CONFIG_NAME, description)
+    with atomic_folder(folder, overwrite=overwrite, error=PeftConfigError) as tmp:
+        if model.trains_base:
+            from ..checkpoint import write_model_files
+            write_model_files(model.base, model.base.config, tmp)
+        else:
+            write_safetensors_atomic(tmp / ADAPTER_WEIGHTS_NAME, model.adapter_state_dict())
+        write_json_atomic(tmp / ADAPTER_CONFIG_NAME, description)
     return folder
 
 

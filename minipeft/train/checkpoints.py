@@ -7,12 +7,16 @@ It is read with torch.load(weights_only=True): only tensors and plain containers
 (DeepSpeed runs use the engine's own checkpoints: deepspeed.py.)
 
 The run identity is derived, not listed by hand: the method's whole config (every hyper-parameter of its
-dataclass) plus the run settings that decide the data stream. Resuming with any of them changed is refused
-with a message naming the setting.
+dataclass), the run settings that decide what a step computes (data stream, optimizer, schedule, precision),
+a digest of the base model's files and one of the training examples. Resuming with any of them changed
+(--lr included) is refused with a message naming the setting.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import pickle
 import random
 from pathlib import Path
 
@@ -23,7 +27,31 @@ from ..peft.config import config_fields
 from .config import TrainError
 
 # Run settings (TrainConfig fields) that decide what a step computes; the method config is added in full.
-IDENTITY_SETTINGS = ("method", "seed", "batch_size", "grad_accum", "max_seq_len")
+IDENTITY_SETTINGS = ("method", "seed", "batch_size", "grad_accum", "max_seq_len", "train_on_prompt", "lr",
+                     "weight_decay", "max_grad_norm", "precision", "base_dtype", "epochs", "max_steps",
+                     "warmup_ratio", "warmup_steps", "min_lr_ratio")
+SAMPLE = 1 << 20          # bytes read from each end of a weight file for the base model's digest
+
+
+def base_model_digest(folder) -> str:
+    """A digest of a checkpoint folder's files: every name and size, and the first and last MiB of each
+    (the headers and some weights), so another base of the same shape is told apart without reading 13 GB."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size};".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(SAMPLE))
+            f.seek(max(0, size - SAMPLE))
+            digest.update(f.read(SAMPLE))
+    return digest.hexdigest()[:16]
+
+
+def data_digest(examples) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.input_ids, e.labels]).encode())
+    return digest.hexdigest()[:16]
 
 
 def run_identity(trainer) -> dict:
@@ -32,7 +60,37 @@ def run_identity(trainer) -> dict:
     identity.update({f"peft.{k}": v for k, v in config_fields(trainer.cfg.peft).items()})
     identity["world_size"] = trainer.world_size
     identity["train_examples"] = len(trainer.data.train)
+    if getattr(trainer, "_digests", None) is None:           # computed once per run
+        model = trainer.cfg.model
+        trainer._digests = {"base_model": base_model_digest(model) if model and Path(model).is_dir() else None,
+                            "train_data": data_digest(trainer.data.train)}
+    identity.update(trainer._digests)
     return identity
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def load_plain(path: Path, what: str) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only, never code; TrainError otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:        # a global: code, never run
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        raise TrainError(f"--resume {path}: refused: not a readable {what}, it holds more than tensors and plain "
+                         f"data (loading it could run code){': ' + found[0] if found else ''}") from None
+    except Exception as err:     # noqa: BLE001 - a pickle that is not plain data, or a damaged file
+        raise TrainError(f"--resume {path}: not a readable {what} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def check_identity(trainer, saved: dict, source: str) -> None:
@@ -53,14 +111,13 @@ def save(trainer) -> Path:
         "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(),
         "skipped_steps": trainer.skipped_steps,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": rng_state(),
     }
     trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = trainer.checkpoint_dir / f"step-{trainer.step:06d}.pt"
     write_atomic(path, lambda tmp: torch.save(state, tmp))
     for old in sorted(trainer.checkpoint_dir.glob("step-*.pt"))[:-trainer.cfg.keep_checkpoints]:
-        old.unlink()
+        old.unlink()        # keep_checkpoints >= 1 (check_config), so the newest always stays
     return path
 
 
@@ -79,11 +136,9 @@ def find(where: Path) -> Path:
 def resume(trainer, where) -> None:
     """Load the newest checkpoint of `where` into the trainer (parameters, optimizer, schedule, RNG, step)."""
     path = find(Path(where))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:     # noqa: BLE001 - a pickle that is not plain data, or a damaged file
-        raise TrainError(f"--resume {path}: not a readable minipeft checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    state = load_plain(path, "minipeft checkpoint")
+    if not isinstance(state, dict) or not {"identity", "trainable", "step", "rng"} <= set(state):
+        raise TrainError(f"--resume {path}: not a minipeft checkpoint (no identity/trainable/step/rng)")
     check_identity(trainer, state["identity"], str(path))
     params = dict(trainer.trainable)
     if set(params) != set(state["trainable"]):
@@ -96,8 +151,6 @@ def resume(trainer, where) -> None:
     trainer.scaler.load_state_dict(state["scaler"])
     trainer.skipped_steps = state["skipped_steps"]
     trainer.step = state["step"]
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"])
+    trainer.forget_metrics_after(trainer.step)
 

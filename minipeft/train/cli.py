@@ -92,6 +92,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=d.save_every, help="write a resumable checkpoint every N steps (0: never)")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many checkpoints to keep")
     g.add_argument("--resume", help="a checkpoint file, or a run folder to continue from its newest checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds another run (its metrics, checkpoints and adapter are removed)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--samples", type=int, default=4, help="before/after generations to show")
     g = p.add_argument_group("DeepSpeed")

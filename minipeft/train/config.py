@@ -9,6 +9,7 @@ are None when not given on the command line (RUN_DEFAULTS fills them, see filled
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -68,6 +69,7 @@ class TrainConfig:
     save_every: int = 0                   # 0: no periodic checkpoints
     keep_checkpoints: int = 2
     resume: Optional[str] = None          # a checkpoint file, or a run folder (its latest checkpoint)
+    overwrite: bool = False               # start afresh in an --out that holds another run (its files removed)
     progress: bool = True
     deepspeed: Optional[str] = None       # DeepSpeed JSON config
     local_rank: Optional[int] = None      # set by the deepspeed launcher
@@ -113,7 +115,18 @@ def check_config(cfg: TrainConfig) -> None:
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
     need(cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}")
     need(cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}")
-    need(cfg.lr is None or cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr > 0), f"--lr must be a finite number > 0, got {cfg.lr}")
+    need(cfg.max_grad_norm is None or (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0),
+         f"--max-grad-norm must be a finite number > 0 (the clipping norm), got {cfg.max_grad_norm}")
+    need(cfg.weight_decay is None or (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0),
+         f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints} (for no "
+         f"checkpoints at all, use --save-every 0)")
+    need(cfg.out is None or not Path(cfg.out).is_file(), f"--out {cfg.out}: is a file; the run folder must be a folder")
+    check_device(cfg.device)
+    need(cfg.out is None or cfg.resume is not None or cfg.overwrite or not run_folder_in_use(Path(cfg.out)),
+         f"--out {cfg.out}: holds another run ({', '.join(RUN_FILES)}); continue it with --resume {cfg.out}, "
+         f"choose a new --out, or pass --overwrite to start afresh there")
     need(0.0 <= cfg.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     need(cfg.save_every >= 0 and cfg.eval_every >= 0, "--save-every and --eval-every must be >= 0")
@@ -121,6 +134,28 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("train_data", "val_data", "deepspeed"):
         path = getattr(cfg, name)
         need(path is None or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: file not found")
+
+
+# What a run writes into its folder (loop.py); an --out holding any of them belongs to another run.
+RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "adapter")
+
+
+def run_folder_in_use(folder: Path) -> bool:
+    return any((folder / name).exists() for name in RUN_FILES)
+
+
+def check_device(device: Optional[str]) -> None:
+    """--device names a device this machine has; TrainError otherwise."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TrainError(f"--device {device!r}: not a device name (cpu, cuda, cuda:1)") from None
+    if parsed.type == "cuda" and not (torch.cuda.is_available() and (parsed.index or 0) < torch.cuda.device_count()):
+        raise TrainError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if parsed.type not in ("cpu", "cuda"):
+        raise TrainError(f"--device {device}: expected cpu or cuda[:N]")
 
 
 def base_dtype(cfg: TrainConfig) -> torch.dtype:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from ..data import AlpacaEncoder, DataError, Example, Record, load_tokenized, read_records, train_val_split
+from ..data import (AlpacaEncoder, DataError, Example, Record, load_tokenized, read_records, read_text_file,
+                    train_val_split)
+from ..fileio import file_sha256
 
 
 @dataclass
@@ -23,10 +25,10 @@ class RunData:
 
 def _read_examples(path, encoder: AlpacaEncoder, strict: bool, report: List[str]):
     """A data file -> (examples, records or None). Tokenized files (prepare_data.py) are used as written."""
-    with open(path, encoding="utf-8") as f:
-        first = f.readline()
+    first = read_text_file(path)[:4096].split("\n", 1)[0]
     if '"minipeft_tokenized"' in first:
         examples, header = load_tokenized(path)
+        check_tokenized_tokenizer(path, header, examples, encoder.tokenizer)
         if header.get("max_seq_len", 0) > encoder.max_seq_len:
             examples = [e for e in examples if len(e.input_ids) <= encoder.max_seq_len]
         report.append(f"{path}: {len(examples)} tokenized examples")
@@ -35,6 +37,21 @@ def _read_examples(path, encoder: AlpacaEncoder, strict: bool, report: List[str]
     for problem in problems:
         report.append(f"{path}: skipped {problem}")
     return records, problems
+
+
+def check_tokenized_tokenizer(path, header: dict, examples: List[Example], tokenizer) -> None:
+    """A tokenized file must have been made with the run's tokenizer: the same file (its SHA-256, written by
+    prepare_data.py) and, for older files without it, ids inside the vocabulary."""
+    saved = header.get("tokenizer_sha256")
+    tokenizer_path = getattr(tokenizer, "path", None)
+    if saved is not None and tokenizer_path is not None and saved != file_sha256(tokenizer_path):
+        raise DataError(f"{path}: made with another tokenizer ({header.get('tokenizer')}) than this run's "
+                        f"{tokenizer_path}; tokenize it again with tools/prepare_data.py --tokenizer {tokenizer_path}")
+    vocab = tokenizer.vocab_size
+    for line_no, example in enumerate(examples, start=2):
+        if max(example.input_ids) >= vocab or min(example.input_ids) < 0:
+            raise DataError(f"{path}: line {line_no}: token id {max(example.input_ids)} is outside the vocabulary "
+                            f"({vocab}) of {tokenizer_path}; made with another tokenizer?")
 
 
 def load_run_data(cfg, tokenizer) -> RunData:
@@ -61,5 +78,8 @@ def load_run_data(cfg, tokenizer) -> RunData:
     train = encode(train_items, "train") if train_is_records else train_items
     val = encode(val_items, "validation") if val_is_records else val_items
     if not train:
-        raise DataError(f"{cfg.train_data}: no usable training examples")
+        reasons = [line.split(": ", 1)[1] for line in report if line.startswith(f"{cfg.train_data}: skipped")]
+        reasons += [line.split(": ", 1)[1] for line in report if line.startswith("train: ")]
+        shown = "; ".join(reasons[:5]) + (f"; ... ({len(reasons) - 5} more)" if len(reasons) > 5 else "")
+        raise DataError(f"{cfg.train_data}: no usable training examples ({shown or 'the file holds none'})")
     return RunData(train=train, val=val, val_records=list(val_items) if val_is_records else [], report=report)

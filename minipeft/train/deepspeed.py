@@ -9,7 +9,10 @@ What differs from the plain loop (DeepSpeedTrainer overrides exactly these):
 - backward / optimizer_step: DeepSpeed owns accumulation (engine.backward / engine.step after every
   micro-batch), clipping and fp16 loss scaling; the step's grad norm and skip flag are read back from it.
 - checkpoints: the engine's own (save_checkpoint / load_checkpoint, frozen parameters excluded), with the run
-  identity (checkpoints.py) as client state.
+  identity and the RNG states (checkpoints.py) as client state; a tag counts once rank 0 has marked it
+  complete after all ranks wrote it, and the newest --keep-checkpoints complete tags are kept.
+  Every file of a tag is read once with torch.load(weights_only=True) before DeepSpeed reads it (DeepSpeed
+  itself unpickles with weights_only=False), so a planted pickle is refused instead of run.
 - save_final: the fp32 master copy of each trainable parameter is gathered on every rank (full size, also
   under ZeRO-3) and rank 0 writes the adapter.
 Under ZeRO-3 the base is built already partitioned and filled from the checkpoint tensor by tensor
@@ -26,6 +29,7 @@ from typing import Dict, Optional
 import torch
 
 from ..distributed import is_partitioned
+from ..fileio import write_json_atomic
 from ..peft import save_adapter
 from . import checkpoints
 from .config import BASE_DTYPES, TrainConfig, TrainError
@@ -111,20 +115,42 @@ class DeepSpeedTrainer(Trainer):
 
     # -- checkpoints: the engine's own
     def save_checkpoint(self) -> Path:
+        """The engine's checkpoint as tag step-NNNNNN; once every rank has written its part, rank 0 marks the tag
+        complete (DeepSpeed's own `latest` is written before that, so a kill between leaves it naming a tag
+        that lacks a rank's files). Then only the newest keep_checkpoints complete tags are kept."""
+        import shutil
+        import torch.distributed as dist
         tag = f"step-{self.step:06d}"
-        self.engine.save_checkpoint(str(self.checkpoint_dir / "deepspeed"), tag=tag,
-                                    client_state={"step": self.step, "identity": checkpoints.run_identity(self)},
-                                    exclude_frozen_parameters=True)
-        return self.checkpoint_dir / "deepspeed" / tag
+        root = self.checkpoint_dir / "deepspeed"
+        self.engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=True,
+                                    client_state={"step": self.step, "identity": checkpoints.run_identity(self),
+                                                  "rng": checkpoints.rng_state()})
+        dist.barrier()                                    # every rank has written its part of the tag
+        if self.is_main:
+            write_json_atomic(root / tag / COMPLETE_MARK, {"step": self.step, "world_size": self.world_size})
+            kept = {p.name for p in complete_tags(root)[-self.cfg.keep_checkpoints:]}
+            for old in root.glob("step-*"):
+                if old.name not in kept:
+                    shutil.rmtree(old)
+        return root / tag
 
     def resume(self, where) -> None:
         where = Path(where)
         folder = where / "checkpoints" / "deepspeed" if (where / "checkpoints").is_dir() else where
-        if not (folder / "latest").is_file():
-            raise TrainError(f"--resume {where}: no DeepSpeed checkpoint (expected {folder}/latest)")
-        _, client = self.engine.load_checkpoint(str(folder), load_module_strict=False)
-        checkpoints.check_identity(self, client.get("identity", {}), str(folder))
+        tags = complete_tags(folder)
+        if not tags:
+            raise TrainError(f"--resume {where}: no complete DeepSpeed checkpoint (a step-* tag with {COMPLETE_MARK}) "
+                             f"in {folder}")
+        tag = tags[-1]
+        with torch.serialization.safe_globals(deepspeed_checkpoint_classes()):
+            for path in sorted(tag.glob("*.pt")):
+                checkpoints.load_plain(path, "DeepSpeed checkpoint file")
+        _, client = self.engine.load_checkpoint(str(folder), tag=tag.name, load_module_strict=False)
+        checkpoints.check_identity(self, client.get("identity", {}), str(tag))
         self.step = client["step"]
+        if client.get("rng") is not None:
+            checkpoints.set_rng_state(client["rng"])
+        self.forget_metrics_after(self.step)
 
     # -- the final adapter
     def full_trainable_state(self) -> Dict[str, torch.Tensor]:
@@ -153,13 +179,30 @@ class DeepSpeedTrainer(Trainer):
                     for name, p in self.trainable:        # write the fp32 masters, not the working copies
                         working[name] = p.data
                         p.data = masters[name].to(p.device)
-                    save_adapter(self.model, folder)
+                    save_adapter(self.model, folder, overwrite=True)   # the run's own folder
                 finally:
                     for name, p in self.trainable:
                         if name in working:
                             p.data = working[name]
         dist.barrier()
         return folder
+
+
+COMPLETE_MARK = "minipeft_complete.json"       # written by rank 0 after every rank has saved its part of a tag
+
+
+def complete_tags(root: Path) -> list:
+    """The tags under `root` that every rank finished writing, oldest first."""
+    return sorted(p for p in Path(root).glob("step-*") if (p / COMPLETE_MARK).is_file())
+
+
+def deepspeed_checkpoint_classes() -> list:
+    """The plain-data classes DeepSpeed's own checkpoints pickle (a namedtuple, an enum, the loss scaler's
+    attributes): allowed in the weights_only check, which refuses every other global (code)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [fragment_address, ZeroStageEnum, LossScaler]
 
 
 def zero3_dtype(cfg: TrainConfig, ds_config: dict) -> torch.dtype:

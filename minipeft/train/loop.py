@@ -36,7 +36,7 @@ import torch
 
 from ..data import collate, epoch_order
 from ..distributed import is_partitioned, world_info
-from ..fileio import write_json_atomic
+from ..fileio import write_atomic, write_json_atomic
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
 from .config import TrainConfig, TrainError
@@ -189,6 +189,8 @@ class Trainer:
         from tqdm import tqdm
         cfg = self.cfg
         if self.is_main:
+            if self.step == 0 and cfg.overwrite:
+                self.clear_run_dir()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "train_config.json", dataclasses.asdict(cfg))
         history = []
@@ -200,6 +202,8 @@ class Trainer:
             metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
             history.append(metrics)
             self.log(metrics)
+            if not metrics["skipped"]:                      # an fp16 overflow skip changed nothing
+                self.check_finite(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
@@ -209,12 +213,48 @@ class Trainer:
         bar.close()
         return history
 
+    def check_finite(self, metrics: dict) -> None:
+        """Stop (TrainError) when the loss or a trainable weight is no longer finite: every later step and the
+        adapter would be garbage. Nothing is saved after it."""
+        hint = "lower --lr or --max-grad-norm, or train in fp32"
+        if not math.isfinite(metrics["loss"]):
+            raise TrainError(f"step {self.step}: the training loss is {metrics['loss']}; stopping ({hint})")
+        for name, p in self.trainable:
+            if not bool(torch.isfinite(p.detach()).all()):
+                raise TrainError(f"step {self.step}: {name} holds non-finite values after the update; stopping ({hint})")
+
     def log(self, metrics: dict) -> None:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
+
+    def clear_run_dir(self) -> None:
+        """--overwrite: remove what an earlier run wrote into this run folder (and nothing else)."""
+        import shutil
+        from .config import RUN_FILES
+        for name in RUN_FILES:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def forget_metrics_after(self, step: int) -> None:
+        """After a resume at `step`: drop the metrics lines of the steps that will be replayed (and a line cut
+        short by the kill)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+
+        def keep(line: str) -> bool:
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except json.JSONDecodeError:
+                return False
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(line)]
+        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
 
     # -- checkpoints (checkpoints.py) and the final adapter
     @property
@@ -235,5 +275,5 @@ class Trainer:
     def save_final(self, folder: Optional[Path] = None) -> Path:
         """save_adapter into run_dir/adapter (for "full": a complete checkpoint folder)."""
         folder = Path(folder) if folder is not None else self.run_dir / "adapter"
-        save_adapter(self.model, folder)
+        save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (check_config)
         return folder

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import load_model, open_checkpoint
+from ..checkpoint import check_tokenizer_fits, load_model, open_checkpoint
 from ..peft import LoRAConfig
 from ..peft.config import FAMILY_DEFAULT_LORA_TARGETS
 from ..families import tokenizer_for
@@ -36,9 +36,9 @@ def prepare_run(cfg: TrainConfig):
     if cfg.model is None:
         raise TrainError("--model is required here (tools/finetune.py fills in the shipped tiny model)")
     reader = open_checkpoint(cfg.model)
-    family = reader.config().family
-    cfg = with_family_defaults(cfg, family)
-    tokenizer = load_run_tokenizer(cfg, reader, family)
+    model_cfg = reader.config()
+    cfg = with_family_defaults(cfg, model_cfg.family)
+    tokenizer = load_run_tokenizer(cfg, reader, model_cfg)
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
         init_distributed_for_deepspeed()
@@ -58,15 +58,17 @@ def with_family_defaults(cfg: TrainConfig, family: str) -> TrainConfig:
     return cfg
 
 
-def load_run_tokenizer(cfg: TrainConfig, reader, family: str):
+def load_run_tokenizer(cfg: TrainConfig, reader, model_cfg):
     """The tokenizer of the model's family (families.tokenizer_for): --tokenizer, else the file the model folder
     holds (ours: tokenizer.model, or BLOOM's tokenizer.json; a ChatGLM-6B folder: ice_text.model). Its family
-    picks the prompt format the data is rendered in (data.PROMPT_FORMATS)."""
+    picks the prompt format the data is rendered in (data.PROMPT_FORMATS). It must fit the model's vocabulary."""
     tokenizer_path = cfg.tokenizer or reader.tokenizer_path
     if tokenizer_path is None or not Path(tokenizer_path).is_file():
         wanted = tokenizer_path or Path(cfg.model) / "tokenizer.model"
         raise TrainError(f"tokenizer {wanted} not found; give --tokenizer")
-    return tokenizer_for(family, tokenizer_path)
+    check_tokenizer_fits(Path(tokenizer_path), model_cfg.vocab_size, f"--tokenizer {tokenizer_path} (model {cfg.model})",
+                         allow_extra_model_rows=model_cfg.family != "llama")
+    return tokenizer_for(model_cfg.family, tokenizer_path)
 
 
 def build_trainer(cfg: TrainConfig, base_model, tokenizer, data: RunData, ds_config: Optional[dict] = None):
