@@ -36,9 +36,13 @@ Two ways to compute it, with the same value:
   head uses (torch.autograd.grad inside an autograd.Function, `_ChunkedHeadLoss`), keeps those (N d and
   the parameters' size) and frees the chunk's logits; backward only scales them by the incoming gradient.
   Nothing is recomputed, so it costs the same flops as one pass over the N rows, and the (B, T, V) float32
-  tensor never exists. Where that is not possible (ZeRO-3 partitions the parameters, so they cannot be
-  differentiated outside the engine's hooks; or nothing needs a gradient) the chunks go through plain
-  autograd instead: the same value, the logits of the N rows kept for backward.
+  tensor never exists. Where nothing needs a gradient the chunks go through plain autograd instead: the
+  same value, the logits of the N rows kept for backward.
+
+  Under DeepSpeed ZeRO-3 (partitioned parameters) the loss is computed from the full logits instead
+  (causal_lm_loss): a partitioned weight is gathered only inside its own module's forward, and a tied head
+  (BLOOM, ChatGLM-6B: the output layer is the embedding matrix) reads it outside that module, after the
+  model's forward has returned. ZeRO-0/1/2 and plain runs keep the label-only path.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ def label_only_loss(model, tokens: torch.Tensor, labels: torch.Tensor, attention
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the tokens' {tuple(tokens.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if any(hasattr(p, "ds_id") for p in model.parameters()):                        # ZeRO-3: see the docstring
+        return causal_lm_loss(model(tokens, attention_mask=attention_mask), labels, reduction=reduction)
     hidden = model(tokens, attention_mask=attention_mask, return_hidden=True)        # (B, T, d)
     targets = labels[:, 1:].to(hidden.device)                                         # (B, T-1)
     counted = targets != IGNORE_INDEX                                                 # (B, T-1)

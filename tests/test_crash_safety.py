@@ -98,7 +98,10 @@ def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int,
     time.sleep(rng.uniform(0.0, 0.01))
     family = [proc.pid] + descendants(proc.pid)      # torchrun's ranks are not in its process group
     for pid in family:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:                   # a helper process that had already ended by itself
+            pass
     proc.wait()
     while any(Path(f"/proc/{pid}").exists() and not is_zombie(pid) for pid in family[1:]):
         time.sleep(0.01)

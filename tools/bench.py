@@ -199,9 +199,10 @@ def main(argv=None):
                 if name.endswith("lora_B"):
                     p.copy_(0.01 * torch.randn(p.shape, generator=gen))
         import peft as hf_peft
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "hf-lora"                                    # a new folder: the export never overwrites
             export_lora_to_hf_peft(mine, folder)
-            hf = hf_peft.PeftModel.from_pretrained(copy.deepcopy(theirs), folder, is_trainable=True).train()
+            hf = hf_peft.PeftModel.from_pretrained(copy.deepcopy(theirs), str(folder), is_trainable=True).train()
         contenders = {"minipeft": step(lambda: mine.loss(tokens, labels), mine),
                       "transformers": step(lambda: hf(input_ids=tokens, labels=labels).loss, hf)}
         if has_litgpt:

@@ -151,8 +151,8 @@ def check_tokenizer_fits(path: Path, vocab_size: int, where: str, allow_extra_mo
         allow_extra_model_rows = True
     fits = pieces <= vocab_size if allow_extra_model_rows else pieces == vocab_size
     if not fits:
-        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is {vocab_size} "
-                              f"({where})")
+        raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is not that "
+                              f"size: {where} gives it a vocabulary of {vocab_size}")
 
 
 def weight_files(folder: Path, single: str, index: str) -> Optional[List[Tuple[Path, Optional[List[str]]]]]:
