@@ -72,3 +72,14 @@ def test_too_small_vocabulary_is_a_clear_error(corpus, tmp_path, capsys):
     with pytest.raises(pretrain_tiny.PretrainError, match="--vocab-size 40"):
         pretrain_tiny.main(["--corpus", str(corpus / "en.txt"), "--corpus", str(corpus / "zh.txt"),
                             "--out", str(tmp_path / "bad"), "--vocab-size", "40", "--steps", "1"])
+
+
+def test_an_out_folder_with_files_is_not_overwritten(corpus, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(pretrain_tiny.PretrainError, match=r"--out .*used: already holds files; continue it with --resume"):
+        run(corpus, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    run(corpus, out, "--overwrite")                                   # explicit: starts afresh there
+    assert not (out / "notes.txt").exists() and (out / "tiny-llama" / "config.json").is_file()

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -235,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", action="append", required=True,
                     help="plain-text file, optionally path:weight for its sampling weight (repeat the flag)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that already holds files")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -270,6 +272,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = args.out
+    if out.is_file():
+        raise PretrainError(f"--out {out}: is a file; expected a folder")
+    if out.is_dir() and any(out.iterdir()) and args.resume is None:
+        if not args.overwrite:
+            raise PretrainError(f"--out {out}: already holds files; continue it with --resume {out / 'train_state.pt'}, "
+                                "choose a new --out, or pass --overwrite to start afresh there")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- corpus: train / held-out split per file ----
