@@ -52,6 +52,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .distributed import is_partitioned
+
 IGNORE_INDEX = -100       # label of positions that do not count in the loss (prompt, padding, virtual tokens)
 CHUNK_ELEMENTS = 2 ** 24  # logits per chunk of label_only_loss: 64 MB in float32 (524 rows at V = 32000)
 
@@ -84,7 +86,7 @@ def label_only_loss(model, tokens: torch.Tensor, labels: torch.Tensor, attention
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the tokens' {tuple(tokens.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if any(hasattr(p, "ds_id") for p in model.parameters()):                        # ZeRO-3: see the docstring
+    if any(is_partitioned(p) for p in model.parameters()):                           # ZeRO-3: see the docstring
         return causal_lm_loss(model(tokens, attention_mask=attention_mask), labels, reduction=reduction)
     hidden = model(tokens, attention_mask=attention_mask, return_hidden=True)        # (B, T, d)
     targets = labels[:, 1:].to(hidden.device)                                         # (B, T-1)
@@ -106,7 +108,7 @@ def head_loss_sum(head, hidden_sel: torch.Tensor, targets_sel: torch.Tensor, tra
     vocab = vocab or _vocab_size(head, hidden_sel)
     rows = max(1, chunk_elements // vocab)
     needs_grad = torch.is_grad_enabled() and (hidden_sel.requires_grad or len(trainable) > 0)
-    if needs_grad and not any(hasattr(p, "ds_id") for p in trainable):               # ds_id: ZeRO-3 partitioned
+    if needs_grad:
         return _ChunkedHeadLoss.apply(head, rows, hidden_sel, targets_sel, *trainable)
     total = hidden_sel.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden_sel.shape[0], rows):

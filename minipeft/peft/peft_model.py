@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..distributed import full_numel
+from ..kv_cache import cache_length
 from ..loss import label_only_loss
 from .replace import adapter_parameters, adapter_saved_tensors
 
@@ -197,7 +198,7 @@ class PeftModel(nn.Module):
         given = tokens if tokens is not None else input_embeds
         B, T = given.shape[0], given.shape[1]
         first_call = past_key_values is None
-        real_past_len = 0 if first_call else past_key_values[0][0].shape[2] - P
+        real_past_len = 0 if first_call else cache_length(past_key_values) - P
 
         prompt_in_front = self.soft_prompt_module is not None and first_call
         if position_ids is None and first_call and tokens is not None and self.prompt_position_ids is not None:
