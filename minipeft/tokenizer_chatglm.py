@@ -26,6 +26,14 @@ CHATGLM_SPECIAL_PIECES = ("[MASK]", "[gMASK]", "<sop>", "<eop>", "<n>")
 CHATGLM2_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 
 
+def glm_text_rewrite(text: str) -> str:
+    """ChatGLM-6B's rewrite before SentencePiece: newline -> <n>, tab -> <|tab|>, k spaces -> <|blank_k|>."""
+    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+    for run in range(MAX_BLANK_RUN, 1, -1):
+        text = text.replace(" " * run, f"<|blank_{run}|>")
+    return text
+
+
 class ChatGLMTokenizer(Tokenizer):
     family = "chatglm"
 
@@ -53,10 +61,7 @@ class ChatGLMTokenizer(Tokenizer):
         return self._pad_id
 
     def _preprocess(self, text: str) -> str:
-        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
-        for run in range(MAX_BLANK_RUN, 1, -1):
-            text = text.replace(" " * run, f"<|blank_{run}|>")
-        return text
+        return glm_text_rewrite(text)
 
     def _postprocess(self, text: str) -> str:
         text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
