@@ -73,3 +73,24 @@ def test_finetune_cli_trains_lora_on_a_chatglm_folder(tmp_path, capsys):
     examples, _ = AlpacaEncoder(tokenizer, 48).encode_all(val_records)
     loss = evaluate_loss(model, examples, batch_size=16, pad_id=tokenizer.pad_id, device="cpu")
     assert abs(loss - after) < 1e-4
+
+
+def test_exact_match_prompts_in_the_chatglm_format(tmp_path, monkeypatch):
+    """Greedy exact match generates from the prompt the model was trained on: ChatGLM-6B's "[Round 0]\\n问：...\\n答："
+    with [gMASK] <sop> behind, not the Alpaca template."""
+    from minipeft.data import Record
+    from minipeft.train.evaluate import exact_match
+    folder, ids = chatglm_folder_with_ice_text(tmp_path)
+    tokenizer = tokenizer_for("chatglm", folder / "ice_text.model")
+    seen = []
+
+    def fake_generate(model, prompts, max_new_tokens, eos_id, pad_id):
+        seen.extend(prompts)
+        return [[eos_id] for _ in prompts]
+
+    monkeypatch.setattr("minipeft.generate.generate", fake_generate)
+    records = [Record(instruction="你好", output="x"), Record(instruction="说", input="早上", output="y")]
+    exact_match(torch.nn.Linear(1, 1), tokenizer, records)
+    assert seen == [tokenizer.encode("[Round 0]\n问：你好\n答：", bos=True),
+                    tokenizer.encode("[Round 0]\n问：说\n早上\n答：", bos=True)]
+    assert seen[0][-2:] == [ids["[gMASK]"], ids["<sop>"]]

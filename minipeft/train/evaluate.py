@@ -3,7 +3,8 @@ greedy generation. Also the autocast context the loop and the evaluation share.
 
     val_loss    = sum over every label token of the validation set of -log p(label | prefix) / (label tokens)
                   (token-weighted, not an average of batch means)
-    exact_match = share of records whose greedy generation (up to EOS, stripped) equals the expected output
+    exact_match = share of records whose greedy generation (up to EOS, stripped) equals the expected output;
+                  each prompt is rendered in the tokenizer family's own format, as in training (data.PROMPT_FORMATS)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..data import Example, Record, collate
+from ..data import PROMPT_FORMATS, Example, Record, collate
 from ..loss import count_label_tokens, label_only_loss
 
 
@@ -64,10 +65,11 @@ def exact_match(model, tokenizer, records: Sequence[Record], *, batch_size: int 
         max_new_tokens = max(len(tokenizer.encode(r.output, bos=False)) for r in records) + 1
     was_training = model.training
     model.eval()
+    prompt_format = PROMPT_FORMATS[getattr(tokenizer, "family", "llama")]      # the format the model was trained on
     texts = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [tokenizer.encode(r.prompt, bos=True) for r in chunk]
+        prompts = [tokenizer.encode(prompt_format.render(r.instruction, r.input), bos=True) for r in chunk]
         with autocast(device, precision):
             new = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         for ids in new:
