@@ -189,16 +189,20 @@ def block_activation_bytes_per_token(cfg: ModelConfig, trainable_weights: bool =
     trainable_weights=False (a frozen block that gradients must pass through, as in PEFT): 16 d + 6 f + 4 H + 8
         a frozen linear needs only its weight, not its input, so the 2d/2f inputs and the norms'
         normalised copies are not kept (W2's input, 2f, and W_o's input, 2d, among them).
-    Attention through a fused kernel keeps no T x S score matrix; a plain softmax would add 2 H S per token."""
+    Attention through a fused kernel keeps no T x S score matrix; a plain softmax would add 2 H S per token.
+    A GELU MLP (BLOOM, ChatGLM-6B) has no W3: it keeps W1 x and W2's input gelu(W1 x) (4 f) when trainable,
+    W1 x alone (2 f) when frozen. The norms are counted as RMSNorm's (a LayerNorm keeps 4 bytes more: the mean)."""
     d, f, H = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads
+    gated = cfg.family in ("llama", "chatglm2")              # SwiGLU: W2(silu(W1 x) * W3 x)
     if trainable_weights:
-        return 26 * d + 8 * f + 4 * H + 8
-    return 16 * d + 6 * f + 4 * H + 8
+        return 26 * d + (8 if gated else 4) * f + 4 * H + 8
+    return 16 * d + (6 if gated else 2) * f + 4 * H + 8
 
 
 def rope_table_bytes_per_token(cfg: ModelConfig) -> int:
-    """cos and sin (fp32, hd/2 each), computed once and shared by all layers: 4 * hd bytes per token."""
-    return 4 * cfg.head_dim
+    """cos and sin (fp32, hd/2 each), computed once and shared by all layers: 4 * hd bytes per token.
+    BLOOM has no rotary table; its ALiBi bias (one 16-bit slope x distance per head and key) is 2 H per token."""
+    return 2 * cfg.n_heads if cfg.family == "bloom" else 4 * cfg.head_dim
 
 
 def head_bytes_per_token(cfg: ModelConfig) -> int:

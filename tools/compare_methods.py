@@ -1,6 +1,6 @@
 """Compare full fine-tuning, LoRA, LLaMA-Adapter, prompt tuning, prefix tuning and Houlsby adapters on one
-base model, one data set, one token budget and one seed; and compute what the same methods cost at
-LLaMA-7B shape under the reference recipe (ZeRO-3 + CPU offload on 8 GPUs).
+base model or several (--bases), one data set, one token budget and one seed; and compute what the same methods
+cost at the shape of each 7B base under the reference recipe (ZeRO-3 + CPU offload on 8 GPUs).
 
     PYTHONPATH=. python tools/compare_methods.py --threads 2                 # shipped tiny model + demo data
     PYTHONPATH=. python tools/compare_methods.py --sweep --threads 2         # first choose the lrs by a sweep
@@ -8,13 +8,15 @@ LLaMA-7B shape under the reference recipe (ZeRO-3 + CPU offload on 8 GPUs).
     deepspeed --num_gpus 8 tools/compare_methods.py --deepspeed tools/ds_configs/zero3_offload_reference.json \\
         --base checkpoints/llama-7b --data alpaca_data_zh.json --max-seq-len 512 --max-train-examples 0
     PYTHONPATH=. python tools/compare_methods.py --only-7b-table             # the computed table only
+    PYTHONPATH=. python tools/compare_methods.py --bases all --sweep --threads 1 --jobs 2     # the four tiny bases
+    deepspeed --num_gpus 8 tools/compare_methods.py --deepspeed tools/ds_configs/zero3_offload_reference.json \
+        --bases llama=ckpt/llama-7b,chinese-llama=ckpt/chinese-llama-7b,chatglm=ckpt/chatglm-6b,bloom=ckpt/bloom-7b1 \
+        --data alpaca_data_zh.json --max-seq-len 512 --max-train-examples 0         # the reference's whole table
 
-What every method shares: the base weights (a fresh copy each), the training examples and their order
-(epoch_order(seed, epoch)), the number of optimizer steps and examples per step (so the same training
-tokens), the warm-up + cosine schedule, AdamW, clipping. What differs: the method, and its peak learning
-rate (prompt-like methods need rates 10-100x larger than full fine-tuning: a few hundred parameters that
-must move the output of a frozen network; a sweep, --sweep, picks each rate from a small grid by the
-validation loss on training records kept out of the training subset, never on the held-out set).
+What every method shares, and how the rates are swept (--sweep): tools/compare_run.py. Every base gets the same
+methods, records, epochs, steps, seed and sweep grid; each renders the records in its own prompt format (the
+Alpaca template for LLaMA and BLOOM, "[Round 0]\n问：...\n答：" for ChatGLM-6B) and counts tokens with its own
+tokenizer, so "the same budget" is the same examples and steps.
 
 Per method it reports: trainable parameters (apply_peft's count and %), final training loss (the mean
 step loss over the last 1/evals-per-epoch epoch), best and final validation loss and the epoch of the
@@ -25,34 +27,36 @@ resident set (VmHWM, reset before each method through /proc/self/clear_refs), wh
 GB that Python + torch take before any model exists.
 
 Output in --out (default runs/compare-<time>): results.json (everything, including the curves, the sweep
-and the machine), results.md (the two tables), loss_curves.png, and runs/<method>/metrics.jsonl.
+and the machine), results.md (the two tables), loss_curves.png, and runs/<method>/metrics.jsonl. With --bases
+each base gets that in --out/<label>/, and --out itself gets results.json (all bases), results.md (one table
+of every base and method, the per-task accuracy, the costs, the 7B tables), generations.md (answers side by
+side) and loss_curves.png (a row per base). The tables other than the costs are the same bit for bit on a rerun.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
+import multiprocessing
 import os
-import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from minipeft.train import (METHODS, TINY_COMPARISON_LR, TrainConfig, TrainError, build_trainer,  # noqa: E402
-                            load_deepspeed_config, prepare_run, resolve_deepspeed_config)
-
-# The order of the reference table, with the Houlsby adapter as a sixth.
-METHOD_ORDER = ("full", "lora", "llama_adapter", "prompt", "prefix", "adapter")
-METHOD_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "llama_adapter": "LLaMA-Adapter",
-                 "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapter (Houlsby)"}
+from compare_report import (METHOD_ORDER, METHOD_TITLES, MODELS_7B, bases_table, fmt, machine_description,  # noqa: E402,F401
+                            plot_curves, results_table, table_7b, table_7b_markdown, write_atomic, write_bases_report)
+from compare_run import PeakMemory, run_method, sweep_learning_rates  # noqa: E402,F401
+from minipeft.train import (METHODS, TINY_COMPARISON_LR, TrainConfig, TrainError, load_deepspeed_config,  # noqa: E402
+                            prepare_run, resolve_deepspeed_config)
+from minipeft.train.prepare import with_family_defaults  # noqa: E402
 
 # Peak learning rates used without --sweep: minipeft/train/learning_rates.py's TINY_COMPARISON_LR, chosen by
 # `--sweep` on the shipped tiny model and demo data (grid SWEEP_LRS extended past its edge where needed,
@@ -64,254 +68,13 @@ CHOSEN_LR = TINY_COMPARISON_LR
 # lowest; LoRA and adapters ~3x higher; LLaMA-Adapter, prefix and prompt tuning 10-100x higher.
 SWEEP_LRS = {"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "llama_adapter": (3e-3, 1e-2, 3e-2),
              "prompt": (3e-2, 1e-1, 3e-1), "prefix": (3e-3, 1e-2, 3e-2), "adapter": (1e-3, 3e-3, 1e-2)}
-
-GiB = 2 ** 30
+# The shipped tiny bases, in the reference table's order (minipeft/assets/README.md says how each was made).
+SHIPPED_BASES = {"llama": "tiny-llama", "chinese-llama": "tiny-chinese-llama", "chatglm": "tiny-chatglm",
+                 "bloom": "tiny-bloom"}
 
 
 class CompareError(ValueError):
     """A flag value that cannot work; the message names the flag."""
-
-
-# ---- peak memory ---------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of one method's run: CUDA's allocator peak, or the process's peak resident set (VmHWM)
-    reset through /proc/self/clear_refs. kind says which; value is None where neither can be read."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")                       # resets VmHWM to the current resident set
-        except OSError:
-            self.kind = "cpu_peak_rss_since_start"  # cannot reset: the peak since the process started
-
-    def read(self) -> Optional[int]:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-# ---- one method ----------------------------------------------------------------------------------
-def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_epoch: int,
-               with_exact_match: bool, say=print) -> dict:
-    """Train one method from a fresh copy of `base`, evaluating the validation loss evals_per_epoch times
-    per epoch (and before training). Returns the numbers of the results table and the curves."""
-    trainer = build_trainer(cfg, copy.deepcopy(base), tokenizer, data, ds_config)
-    memory = PeakMemory(trainer.device)
-    memory.reset()
-    steps_per_epoch = trainer.batches_per_epoch / cfg.grad_accum
-    eval_interval = max(1, round(steps_per_epoch / evals_per_epoch))
-
-    def epoch_of(step):
-        return step / steps_per_epoch
-
-    val_curve = [(0.0, trainer.evaluate(with_exact_match=False).get("val_loss", float("nan")))]
-    train_points: List[tuple] = []              # (epoch, step loss)
-    train_seconds, train_tokens = 0.0, 0
-    while trainer.step < trainer.total_steps:
-        started = time.perf_counter()
-        metrics = trainer.train_step()
-        train_seconds += time.perf_counter() - started
-        train_tokens += metrics["tokens"]
-        train_points.append((epoch_of(trainer.step), metrics["loss"]))
-        trainer.log(metrics)
-        if trainer.step % eval_interval == 0 or trainer.step == trainer.total_steps:
-            val = trainer.evaluate(with_exact_match=False)
-            trainer.log({"eval": True, **val})
-            val_curve.append((epoch_of(trainer.step), val.get("val_loss", float("nan"))))
-    peak = memory.read()
-
-    final = {}
-    if with_exact_match:
-        final = trainer.evaluate(with_exact_match=True)
-        trainer.log({"eval": True, "when": "final", **final})
-
-    # Training loss curve: the mean step loss over each evaluation interval.
-    train_curve = []
-    for start in range(0, len(train_points), eval_interval):
-        chunk = train_points[start:start + eval_interval]
-        train_curve.append((chunk[-1][0], sum(loss for _, loss in chunk) / len(chunk)))
-    best_epoch, best_val = min(val_curve[1:] or val_curve, key=lambda point: point[1])
-    # apply_peft's report; under ZeRO-3 a parameter holds only its shard, and ds_numel its full size.
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in trainer.model.parameters()]
-    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
-    return {
-        "method": cfg.method, "lr": cfg.lr, "steps": trainer.total_steps,
-        "trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total,
-        "final_train_loss": train_curve[-1][1],
-        "initial_val_loss": val_curve[0][1],
-        "best_val_loss": best_val, "best_val_epoch": best_epoch, "final_val_loss": val_curve[-1][1],
-        "exact_match": final.get("exact_match"),
-        "tokens_per_s": train_tokens / max(train_seconds, 1e-9), "train_tokens": train_tokens,
-        "train_seconds": train_seconds,
-        "peak_memory_bytes": peak, "peak_memory_kind": memory.kind,
-        "curves": {"train": train_curve, "val": val_curve},
-        "generations": list(getattr(trainer, "last_generations", []))[:8] if with_exact_match else [],
-    }
-
-
-# ---- the computed LLaMA-7B table -----------------------------------------------------------------
-# The reference recipe and each method's usual hyper-parameters at 7B (as in lesson 07).
-REFERENCE_7B = {"n_gpus": 8, "micro_batch": 4, "seq_len": 512, "zero_stage": 3, "offload_optimizer": True,
-                "offload_params": True, "precision": "fp16"}
-
-
-def reference_peft_configs() -> Dict[str, object]:
-    from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig,
-                               PromptConfig)
-    return {"full": FullConfig(), "lora": LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")),
-            "llama_adapter": LlamaAdapterConfig(prompt_len=10, adapter_layers=30),
-            "prompt": PromptConfig(prompt_len=20, init="random"),
-            "prefix": PrefixConfig(prefix_len=10, reparam_hidden=512),
-            "adapter": AdapterConfig(bottleneck=64)}
-
-
-def table_7b(model_name: str = "llama-7b") -> dict:
-    """Per method at LLaMA-7B shape, under REFERENCE_7B: trainable parameters (apply_peft on the meta
-    device), Adam's optimizer state (12 bytes per trainable parameter: fp32 master, m, v), and memory per
-    GPU and on the node's CPU under ZeRO-3 with the optimizer and the parameters offloaded:
-
-      per GPU = DeepSpeed's gather buffer for the largest layer (4 bytes x V*d; the persistent model states
-                on the GPU are 0 with both offloads) + activations of batch 4 x 512 (lesson 07: 26d+8f+4H+8
-                bytes per token per trainable block; 16d+6f+4H+8 per frozen block that the gradient must
-                pass through; blocks below the lowest trainable parameter keep nothing) + fp32 logits.
-      with recomputation: the activations of model_activation_bytes(recompute=True) instead (full), or for
-                PEFT the kept block inputs 2d per token per block + one frozen block being recomputed.
-      CPU (node) = 2 Psi (16-bit weights) + 14 Psi_t (16-bit gradients + optimizer state)."""
-    from minipeft.config import ModelConfig
-    from minipeft.memory import (ADAM_32, block_activation_bytes_per_token, head_bytes_per_token,
-                                 model_activation_bytes, rope_table_bytes_per_token, zero_bytes_per_gpu)
-    from minipeft.model import Transformer
-    from minipeft.peft import apply_peft
-    cfg = ModelConfig.from_name(model_name)
-    r = REFERENCE_7B
-    batch, seq, n_gpus = r["micro_batch"], r["seq_len"], r["n_gpus"]
-    rows = {}
-    for method, peft_config in reference_peft_configs().items():
-        with torch.device("meta"):
-            model = apply_peft(Transformer(cfg), peft_config)
-        report = model.report
-        largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-        states = zero_bytes_per_gpu(report.total, report.trainable, n_gpus, r["zero_stage"],
-                                    offload_optimizer=r["offload_optimizer"], offload_params=r["offload_params"])
-        gather_buffer = 4 * largest_layer
-        tokens = batch * (seq + (peft_config.prompt_len if method == "prompt" else 0))
-        blocks = peft_config.adapter_layers if method == "llama_adapter" else cfg.n_layers
-        outside = rope_table_bytes_per_token(cfg) + head_bytes_per_token(cfg)
-        if method == "full":
-            activations = model_activation_bytes(cfg, batch, seq)
-            recomputed = model_activation_bytes(cfg, batch, seq, recompute=True)
-        else:
-            frozen = block_activation_bytes_per_token(cfg, trainable_weights=False)
-            activations = tokens * (blocks * frozen + outside)
-            recomputed = tokens * (blocks * 2 * cfg.dim + frozen + outside)
-        logits = batch * seq * cfg.vocab_size * 4
-        rows[method] = {
-            "hyper": dataclasses.asdict(peft_config),
-            "trainable": report.trainable, "total": report.total, "trainable_percent": report.percent,
-            "optimizer_state_bytes": ADAM_32 * report.trainable,
-            "model_states_gpu_bytes": states["gpu"], "gather_buffer_bytes": gather_buffer,
-            "activation_bytes": activations, "activation_bytes_recompute": recomputed, "logits_bytes": logits,
-            "per_gpu_bytes": states["gpu"] + gather_buffer + activations + logits,
-            "per_gpu_bytes_recompute": states["gpu"] + gather_buffer + recomputed + logits,
-            "cpu_node_bytes": states["cpu"],
-        }
-    return {"model": model_name, "recipe": dict(REFERENCE_7B), "rows": rows}
-
-
-# ---- tables and picture --------------------------------------------------------------------------
-def fmt(value, spec):
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-def results_table(results: Dict[str, dict]) -> str:
-    lines = ["| method | lr | trainable | % | final train loss | best val loss (epoch) | final val loss | "
-             "exact match | tokens/s | peak memory |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for method in (m for m in METHOD_ORDER if m in results):
-        r = results[method]
-        memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
-        lines.append(
-            f"| {METHOD_TITLES[method]} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_percent']:.3f} | "
-            f"{r['final_train_loss']:.4f} | {r['best_val_loss']:.4f} ({r['best_val_epoch']:.2f}) | "
-            f"{r['final_val_loss']:.4f} | {fmt(r['exact_match'] and 100 * r['exact_match'], '.1f')}"
-            f"{'%' if r['exact_match'] is not None else ''} | {r['tokens_per_s']:,.0f} | {memory} |")
-    return "\n".join(lines)
-
-
-def table_7b_markdown(table: dict) -> str:
-    lines = ["| method | trainable | % | optimizer state (CPU) | per GPU: gather buffer + activations + logits "
-             "| per GPU with recomputation | CPU of the node |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for method in (m for m in METHOD_ORDER if m in table["rows"]):
-        r = table["rows"][method]
-        lines.append(
-            f"| {METHOD_TITLES[method]} | {r['trainable']:,} | {r['trainable_percent']:.3f} | "
-            f"{r['optimizer_state_bytes'] / GiB:.3f} GiB | {r['gather_buffer_bytes'] / GiB:.2f} + "
-            f"{r['activation_bytes'] / GiB:.2f} + {r['logits_bytes'] / GiB:.2f} = {r['per_gpu_bytes'] / GiB:.2f} GiB | "
-            f"{r['per_gpu_bytes_recompute'] / GiB:.2f} GiB | {r['cpu_node_bytes'] / GiB:.2f} GiB |")
-    return "\n".join(lines)
-
-
-def plot_curves(results: Dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for method in (m for m in METHOD_ORDER if m in results):
-        curves = results[method]["curves"]
-        line, = ax_train.plot(*zip(*curves["train"]), marker=".", label=METHOD_TITLES[method])
-        ax_val.plot(*zip(*curves["val"]), marker=".", color=line.get_color(), label=METHOD_TITLES[method])
-        best = (results[method]["best_val_epoch"], results[method]["best_val_loss"])
-        ax_val.plot(*best, marker="o", markersize=9, markerfacecolor="none", color=line.get_color())
-    ax_train.set_title("training loss (mean per evaluation interval)")
-    ax_val.set_title("validation loss (circle: lowest)")
-    for ax in (ax_train, ax_val):
-        ax.set_xlabel("epoch")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_train.set_ylabel("loss (nats per response token)")
-    ax_val.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def machine_description(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpus_visible": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -339,6 +102,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Train every PEFT method on the same base, data, token budget and seed; write a Markdown "
                     "table, a JSON file and a loss-curve PNG, plus a computed LLaMA-7B memory table.")
     p.add_argument("--base", help="our checkpoint folder (default: the shipped tiny-llama)")
+    p.add_argument("--bases", help="compare on several bases: comma-separated shipped names (" + ", ".join(SHIPPED_BASES)
+                   + "), LABEL=FOLDER or FOLDER items, or 'all' for the four shipped ones; writes one table for all")
+    p.add_argument("--jobs", type=int, default=1, help="with --bases: run this many bases at once, one process each "
+                   "(each with --threads threads); the numbers do not depend on it")
     p.add_argument("--data", help="Alpaca JSON / JSON Lines training file (default: the shipped demo_data/train.json)")
     p.add_argument("--val-data", help="held-out file for validation loss and exact match (default: demo_data/"
                    "heldout.json with the default data, else a seeded --val-fraction split of --data)")
@@ -376,8 +143,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help="set by the deepspeed launcher")
     p.add_argument("--out", help="output folder (default runs/compare-<time>)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
-    p.add_argument("--only-7b-table", action="store_true", help="print the computed LLaMA-7B table and stop")
-    p.add_argument("--model-7b", default="llama-7b", help="ModelConfig preset of the computed table")
+    p.add_argument("--only-7b-table", action="store_true", help="print the computed 7B table(s) and stop")
+    p.add_argument("--model-7b", default="llama-7b", help="ModelConfig preset of the computed table (one base)")
+    p.add_argument("--models-7b", default=",".join(MODELS_7B), help="presets of the computed tables with --bases")
     return p
 
 
@@ -397,54 +165,72 @@ def display_path(path) -> Optional[str]:
         return str(path)
 
 
-def main(argv=None) -> int:
+def parse_bases(value: str) -> List[tuple]:
+    """--bases -> [(label, folder)]: shipped names, LABEL=FOLDER, FOLDER (label: its name), or 'all'."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if items == ["all"]:
+        items = list(SHIPPED_BASES)
+    bases = []
+    for item in items:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            label, folder = (item, shipped(SHIPPED_BASES[item])) if item in SHIPPED_BASES else (Path(item).name, item)
+        if not Path(folder).is_dir():
+            raise CompareError(f"--bases {item!r}: {folder} is not a checkpoint folder (shipped names: "
+                               f"{', '.join(SHIPPED_BASES)}, or all)")
+        bases.append((label, folder))
+    labels = [label for label, _ in bases]
+    if not bases or len(set(labels)) != len(labels):
+        raise CompareError(f"--bases {value!r}: expected distinct, non-empty labels, got {labels}")
+    return bases
+
+
+def check_args(args) -> tuple:
+    """-> (methods, lr_given, sweep_grid, bases or None); CompareError naming the flag."""
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CompareError(f"--methods {args.methods!r}: expected a comma-separated list of {', '.join(METHODS)}")
+    lr_given = parse_method_values(args.lr, "--lr")
+    sweep_grid = {**SWEEP_LRS, **parse_method_values(args.sweep_lrs, "--sweep-lrs", many=True)}
+    for name in ("evals_per_epoch", "max_seq_len", "jobs"):
+        if getattr(args, name) < 1:
+            raise CompareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_examples", "max_val_examples", "sweep_val_examples"):
+        if getattr(args, name) < 0:
+            raise CompareError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise CompareError(f"--threads must be >= 1, got {args.threads}")
+    bases = None
+    if args.bases is not None:
+        if args.base is not None:
+            raise CompareError("--base and --bases: give one of them")
+        bases = parse_bases(args.bases)
+        if args.jobs > 1 and args.deepspeed:
+            raise CompareError("--jobs > 1 with --deepspeed: the ranks run the bases one after the other; drop --jobs")
+    unknown_7b = [m for m in args.models_7b.split(",") if m not in MODELS_7B + ("llama-13b", "chatglm2-6b")]
+    if unknown_7b:
+        raise CompareError(f"--models-7b: unknown preset(s) {unknown_7b}; expected some of {', '.join(MODELS_7B)}")
+    return methods, lr_given, sweep_grid, bases
+
+
+def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_given, sweep_grid, say=print) -> dict:
+    """The sweep and the comparison on one base; writes out/results.json, results.md, loss_curves.png (rank 0).
+    Returns everything results.json holds, or raises TrainError / ValueError for a bad base or data."""
     started = time.perf_counter()
-    args = build_arg_parser().parse_args(argv)
-    command = "python tools/compare_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    try:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise CompareError(f"--methods {args.methods!r}: expected a comma-separated list of {', '.join(METHODS)}")
-        lr_given = parse_method_values(args.lr, "--lr")
-        sweep_grid = {**SWEEP_LRS, **parse_method_values(args.sweep_lrs, "--sweep-lrs", many=True)}
-        for name in ("evals_per_epoch", "max_seq_len"):
-            if getattr(args, name) < 1:
-                raise CompareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        for name in ("max_train_examples", "max_val_examples", "sweep_val_examples"):
-            if getattr(args, name) < 0:
-                raise CompareError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise CompareError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-    except CompareError as err:
-        print(f"compare_methods.py: error: {err}", file=sys.stderr)
-        return 2
-
-    out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    big_table = table_7b(args.model_7b)
-    if args.only_7b_table:
-        print(table_7b_markdown(big_table))
-        return 0
-
     data_path = args.data or shipped("demo_data/train.json")
     val_path = args.val_data or (shipped("demo_data/heldout.json") if args.data is None else None)
     base_cfg = TrainConfig(
         train_data=data_path, val_data=val_path, val_fraction=args.val_fraction, max_seq_len=args.max_seq_len,
-        model=args.base or shipped("tiny-llama"), method=methods[0], batch_size=args.batch_size,
+        model=base_folder, method=methods[0], batch_size=args.batch_size,
         grad_accum=args.grad_accum, precision=args.precision, epochs=args.epochs, warmup_ratio=args.warmup_ratio,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, device=args.device, progress=False,
         exact_match=args.exact_match, deepspeed=args.deepspeed, local_rank=args.local_rank)
-    try:
-        ds_source = load_deepspeed_config(args.deepspeed) if args.deepspeed else None
-        filled_cfg, _, base, tokenizer, data = prepare_run(base_cfg)
-    except (TrainError, ValueError) as err:
-        print(f"compare_methods.py: error: {err}", file=sys.stderr)
-        return 2
+    ds_source = load_deepspeed_config(args.deepspeed) if args.deepspeed else None
+    filled_cfg, _, base, tokenizer, data = prepare_run(base_cfg)
     from minipeft.train import world_info
     rank, world_size = world_info()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    say = say if rank == 0 else (lambda *a, **k: None)
     for line in data.report:
         say(line)
 
@@ -472,7 +258,7 @@ def main(argv=None) -> int:
         ds_config = None
         if ds_source is not None:
             ds_config, cfg = resolve_deepspeed_config(ds_source, cfg, world_size, source=f"--deepspeed {args.deepspeed}")
-        return cfg.filled(), ds_config
+        return with_family_defaults(cfg.filled(), base.config.family), ds_config    # BLOOM's / GLM's LoRA on wqkv
 
     # ---- the learning-rate sweep
     sweep: Dict[str, Dict[str, float]] = {}
@@ -482,35 +268,10 @@ def main(argv=None) -> int:
             say("the sweep validates on the held-out set: no training records are left outside the subset "
                 "(lower --max-train-examples to keep some)")
         sweep_data = dataclasses.replace(data, val=sweep_val or data.val, val_records=[])
-        for method in methods:
-            if method in lr_given:
-                continue
-            sweep[method] = {}
-            grid = sorted(sweep_grid[method])
-            tried: Dict[float, float] = {}
-            for _ in range(1 + args.sweep_extend):
-                for lr in grid:
-                    if lr in tried:
-                        continue
-                    cfg, ds_config = method_cfg(method, lr, args.sweep_epochs, f"sweep-{method}-{lr:g}")
-                    result = run_method(cfg, base, tokenizer, sweep_data, ds_config, evals_per_epoch=1,
-                                        with_exact_match=False)
-                    tried[lr] = result["final_val_loss"]
-                    sweep[method][f"{lr:g}"] = result["final_val_loss"]
-                    say(f"sweep {method:13s} lr {lr:<8g} val loss {result['final_val_loss']:.4f}  "
-                        f"({result['train_seconds']:.0f} s)")
-                finite = {lr: v for lr, v in tried.items() if math.isfinite(v)}
-                if not finite:
-                    break
-                best = min(finite, key=finite.get)
-                chosen[method] = best
-                # The best rate at an edge of the grid: try one more rate beyond it (the grid's own ratio).
-                ordered = sorted(tried)
-                if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
-                    break
-                ratio = ordered[-1] / ordered[-2] if best == ordered[-1] else ordered[1] / ordered[0]
-                grid = [best * ratio if best == ordered[-1] else best / ratio]
-            say(f"sweep {method}: chosen lr {chosen[method]:g}")
+        sweep, swept = sweep_learning_rates(method_cfg, [m for m in methods if m not in lr_given], sweep_grid,
+                                            base=base, tokenizer=tokenizer, data=sweep_data,
+                                            sweep_epochs=args.sweep_epochs, sweep_extend=args.sweep_extend, say=say)
+        chosen.update(swept)
 
     # ---- the comparison
     results: Dict[str, dict] = {}
@@ -524,41 +285,101 @@ def main(argv=None) -> int:
             f"@{result['best_val_epoch']:.2f} final {result['final_val_loss']:.4f} EM "
             f"{fmt(result['exact_match'], '.3f')} {result['tokens_per_s']:.0f} tok/s ({result['train_seconds']:.0f} s)")
 
-    if rank != 0:
-        return 0
+    family = base.config.family
+    big_table = table_7b(args.model_7b)
     first = results[methods[0]]
-    settings = {"base": display_path(filled_cfg.model), "data": display_path(data_path),
+    settings = {"base": display_path(filled_cfg.model), "family": family, "data": display_path(data_path),
                 "val_data": display_path(val_path), "train_examples": len(data.train),
                 "val_examples": len(data.val), "exact_match_records": len(data.val_records),
                 "sweep_val_examples": len(sweep_val), "epochs": args.epochs, "steps": first["steps"],
                 "batch_size": filled_cfg.batch_size, "grad_accum": filled_cfg.grad_accum, "world_size": world_size,
                 "max_seq_len": args.max_seq_len, "precision": filled_cfg.precision, "seed": args.seed,
                 "warmup_ratio": args.warmup_ratio, "evals_per_epoch": args.evals_per_epoch,
-                "deepspeed": args.deepspeed, "method_hyper": {m: _method_hyper(filled_cfg, m) for m in methods}}
+                "deepspeed": args.deepspeed, "method_hyper": {m: _method_hyper(filled_cfg, m, family) for m in methods}}
     everything = {"command": command, "machine": machine_description(torch.get_num_threads()),
                   "settings": settings, "sweep": sweep, "sweep_grid": {m: list(sweep_grid[m]) for m in sweep},
                   "lr": chosen, "results": results, "table_7b": big_table,
+                  "records": [dataclasses.asdict(r) for r in data.val_records],
                   "wall_seconds": time.perf_counter() - started}
+    if rank != 0:
+        return everything
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(everything, indent=1) + "\n")
+    write_atomic(out / "results.json", json.dumps(everything, indent=1, ensure_ascii=False) + "\n")
     title = (f"{Path(filled_cfg.model).name} on {Path(data_path).name}: {len(data.train)} examples x "
              f"{args.epochs:g} epochs, batch {filled_cfg.batch_size}x{filled_cfg.grad_accum}, seed {args.seed}")
     markdown = (f"# PEFT methods compared\n\n`{command}`\n\n{title}\n\n{results_table(results)}\n\n"
-                f"## Computed: LLaMA-7B shape, ZeRO-3 + CPU offload (optimizer and parameters), 8 GPUs, "
+                f"## Computed: {args.model_7b} shape, ZeRO-3 + CPU offload (optimizer and parameters), 8 GPUs, "
                 f"batch 4 x 512, fp16\n\n{table_7b_markdown(big_table)}\n")
     write_atomic(out / "results.md", markdown)
     if args.plot:
         plot_curves(results, out / "loss_curves.png", title)
-    print("\n" + results_table(results) + "\n")
-    print(table_7b_markdown(big_table) + "\n")
-    print(f"written {out}/results.json, results.md" + (", loss_curves.png" if args.plot else "")
-          + f"; wall time {time.perf_counter() - started:.0f} s")
+    return everything
+
+
+def _base_job(argv: List[str], label: str, folder: str, out: str, command: str) -> dict:
+    """One base in a worker process (--jobs): the flags are parsed again there."""
+    args = build_arg_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    methods, lr_given, sweep_grid, _ = check_args(args)
+    say = lambda *a, **k: print(f"[{label}]", *a, **k, flush=True)  # noqa: E731
+    return run_base(args, folder, Path(out), command, methods=methods, lr_given=lr_given, sweep_grid=sweep_grid, say=say)
+
+
+def main(argv=None) -> int:
+    started = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_arg_parser().parse_args(argv)
+    command = "python tools/compare_methods.py " + " ".join(argv)
+    try:
+        methods, lr_given, sweep_grid, bases = check_args(args)
+    except CompareError as err:
+        print(f"compare_methods.py: error: {err}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.only_7b_table:
+        for name in (args.models_7b.split(",") if bases else [args.model_7b]):
+            print(f"{name}\n{table_7b_markdown(table_7b(name))}\n")
+        return 0
+    out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    from minipeft.train import world_info
+    rank = world_info()[0]
+    try:
+        if bases is None:
+            everything = run_base(args, args.base or shipped("tiny-llama"), out, command, methods=methods,
+                                  lr_given=lr_given, sweep_grid=sweep_grid)
+            if rank == 0:
+                print("\n" + results_table(everything["results"]) + "\n")
+                print(table_7b_markdown(everything["table_7b"]) + "\n")
+                print(f"written {out}/results.json, results.md" + (", loss_curves.png" if args.plot else "")
+                      + f"; wall time {time.perf_counter() - started:.0f} s")
+            return 0
+        if args.jobs > 1:
+            with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {label: pool.submit(_base_job, argv, label, folder, str(out / label), command)
+                           for label, folder in bases}
+                runs = {label: future.result() for label, future in futures.items()}
+        else:
+            runs = {label: run_base(args, folder, out / label, command, methods=methods, lr_given=lr_given,
+                                    sweep_grid=sweep_grid, say=lambda *a, _l=label, **k: print(f"[{_l}]", *a, **k))
+                    for label, folder in bases}
+    except (TrainError, ValueError) as err:
+        print(f"compare_methods.py: error: {err}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        write_bases_report(runs, out, command, time.perf_counter() - started, models_7b=args.models_7b.split(","),
+                           jobs=args.jobs, plot=args.plot)
+        print("\n" + bases_table(runs) + "\n")
+        print(f"written {out}/results.json, results.md, generations.md" + (", loss_curves.png" if args.plot else "")
+              + f" and a folder per base; wall time {time.perf_counter() - started:.0f} s")
     return 0
 
 
-def _method_hyper(cfg: TrainConfig, method: str) -> dict:
-    """The hyper-parameters the run used for `method` (its config's defaults)."""
-    return dataclasses.asdict(dataclasses.replace(cfg, method=method, peft=None).peft_config)
+def _method_hyper(cfg: TrainConfig, method: str, family: str) -> dict:
+    """The hyper-parameters the run used for `method` (its config's defaults, with the family's LoRA targets)."""
+    method_cfg = with_family_defaults(dataclasses.replace(cfg, method=method, peft=None).filled(), family)
+    return dataclasses.asdict(method_cfg.peft_config)
 
 
 if __name__ == "__main__":
