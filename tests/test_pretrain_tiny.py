@@ -83,3 +83,57 @@ def test_an_out_folder_with_files_is_not_overwritten(corpus, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     run(corpus, out, "--overwrite")                                   # explicit: starts afresh there
     assert not (out / "notes.txt").exists() and (out / "tiny-llama" / "config.json").is_file()
+
+
+def test_glm_sample_layout_by_hand():
+    """GLM's prefix LM: context w[:k], [gMASK] <sop>, then the rest; only what follows <sop> is scored."""
+    import pretrain_corpus
+    layout = pretrain_corpus.SampleLayout("chatglm", seq_len=6, bos_id=None, gmask_id=90, sop_id=91)
+    assert layout.window == 5
+    inputs, targets = layout.layout(torch.tensor([10, 11, 12, 13, 14]), context=2)
+    assert inputs.tolist() == [10, 11, 90, 91, 12, 13]
+    assert targets.tolist() == [-100, -100, -100, 12, 13, 14]          # <sop> predicts w[2], ...
+    inputs, targets = layout.layout(torch.tensor([10, 11, 12, 13, 14]))  # scoring: no context
+    assert inputs.tolist() == [90, 91, 10, 11, 12, 13] and targets.tolist() == [-100, 10, 11, 12, 13, 14]
+    causal = pretrain_corpus.SampleLayout("bloom", seq_len=4, bos_id=1)
+    inputs, targets = causal.layout(torch.tensor([10, 11, 12, 13]))
+    assert inputs.tolist() == [1, 10, 11, 12] and targets.tolist() == [10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("family, model_class, tokenizer_name, vocab", [("bloom", "Bloom", "tokenizer.json", 320),
+                                                                        ("chatglm", "ChatGLM", "tokenizer.model", 420)])
+def test_other_families_get_their_own_model_and_tokenizer(corpus, tmp_path, family, model_class, tokenizer_name, vocab):
+    """(ChatGLM's 90 special and text pieces need a larger vocabulary than the others at this size.)"""
+    from minipeft.families import tokenizer_for
+    run(corpus, tmp_path / "run", "--family", family, "--n-kv-heads", "2", "--vocab-size", str(vocab))
+    folder = tmp_path / "run" / f"tiny-{family}"
+    model = load_model(folder)
+    assert type(model).__name__ == model_class and model.config.family == family
+    tokenizer = tokenizer_for(family, folder / tokenizer_name)
+    assert tokenizer.vocab_size == model.config.vocab_size == vocab
+    assert tokenizer.decode(tokenizer.encode("the king\n春风 2024", bos=False)) == "the king\n春风 2024"
+    if family == "chatglm":        # GLM's marks are pieces of the model; the config knows their ids
+        assert (model.config.gmask_id, model.config.sop_id) == (tokenizer.gmask_id, tokenizer.sop_id)
+        assert tokenizer.encode("x", bos=True)[-2:] == [tokenizer.gmask_id, tokenizer.sop_id]
+    else:                          # BLOOM's byte-level BPE with its special ids
+        assert (tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2, 3)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["family"] == family
+    assert metrics["final_val_loss"] < metrics["random_init"]["val_loss"] - 0.5
+
+
+def test_init_from_continues_a_checkpoint_and_refuses_shape_flags(corpus, tmp_path):
+    run(corpus, tmp_path / "base")
+    base = tmp_path / "base" / "tiny-llama"
+    argv = ["--init-from", str(base), "--corpus", str(corpus / "zh.txt"), "--out", str(tmp_path / "more"),
+            "--name", "more", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup", "1",
+            "--eval-every", "2", "--save-every", "2"]
+    with pytest.raises(pretrain_tiny.PretrainError, match="--init-from .* drop --dim"):
+        pretrain_tiny.main(argv + ["--dim", "64"])
+    assert pretrain_tiny.main(argv) == 0
+    metrics = json.loads((tmp_path / "more" / "metrics.json").read_text())
+    start = load_model(base).state_dict()
+    after = load_model(tmp_path / "more" / "more").state_dict()
+    assert metrics["init_from"] == str(base) and "initial" in metrics
+    assert metrics["initial"]["val_loss"] > metrics["final_val_loss"]                  # it trained on the new text
+    assert start.keys() == after.keys() and not torch.equal(start["output.weight"], after["output.weight"])
