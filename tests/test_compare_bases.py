@@ -178,3 +178,11 @@ def test_a_rerun_in_two_processes_is_bit_identical(bases, run, tmp_path):
     assert numbers(first) == numbers(second)
     sections = lambda text: text.split("## Costs")[0].split("\n", 3)[3]  # noqa: E731  (after the command line)
     assert sections((out / "results.md").read_text()) == sections((tmp_path / "again" / "results.md").read_text())
+
+
+def test_resume_keeps_the_bases_run_with_the_same_settings(bases, run, capsys):
+    out, first = run
+    again = compare(bases, out, "--resume")
+    printed = capsys.readouterr().out
+    assert printed.count("was made with these settings; kept") == 4
+    assert again["bases"] == first["bases"]

@@ -44,15 +44,16 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from compare_report import (METHOD_ORDER, METHOD_TITLES, MODELS_7B, bases_table, fmt, machine_description,  # noqa: E402,F401
-                            plot_curves, results_table, table_7b, table_7b_markdown, write_atomic, write_bases_report)
+from compare_report import (METHOD_ORDER, METHOD_TITLES, MODELS_7B, bases_table, display_path, fmt,  # noqa: E402,F401
+                            machine_description, plot_curves, results_table, shipped, table_7b, table_7b_markdown,
+                            write_atomic, write_bases_report)
 from compare_run import PeakMemory, run_method, sweep_learning_rates  # noqa: E402,F401
 from minipeft.train import (METHODS, TINY_COMPARISON_LR, TrainConfig, TrainError, load_deepspeed_config,  # noqa: E402
                             prepare_run, resolve_deepspeed_config)
@@ -143,26 +144,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help="set by the deepspeed launcher")
     p.add_argument("--out", help="output folder (default runs/compare-<time>)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
+    p.add_argument("--resume", action="store_true", help="with --bases: keep a base whose --out/<label>/results.json "
+                   "was made with the same settings (an interrupted comparison goes on where it stopped)")
     p.add_argument("--only-7b-table", action="store_true", help="print the computed 7B table(s) and stop")
     p.add_argument("--model-7b", default="llama-7b", help="ModelConfig preset of the computed table (one base)")
     p.add_argument("--models-7b", default=",".join(MODELS_7B), help="presets of the computed tables with --bases")
     return p
-
-
-def shipped(path: str) -> str:
-    import minipeft
-    return str(Path(minipeft.assets_dir()) / path)
-
-
-def display_path(path) -> Optional[str]:
-    """A path relative to the repository root when it lies inside it (so results.json is portable)."""
-    if path is None:
-        return None
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return str(path)
 
 
 def parse_bases(value: str) -> List[tuple]:
@@ -214,9 +201,27 @@ def check_args(args) -> tuple:
     return methods, lr_given, sweep_grid, bases
 
 
+# Flags that change no number of a base's run (they say where and how many at once).
+NOT_IN_IDENTITY = ("bases", "base", "jobs", "out", "resume", "plot", "local_rank", "only_7b_table", "models_7b")
+
+
+def run_identity(args, base_folder: str) -> dict:
+    """What a base's numbers depend on: every other flag and the base folder (for --resume)."""
+    return {**{k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_IDENTITY},
+            "base_folder": str(Path(base_folder).resolve())}
+
+
 def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_given, sweep_grid, say=print) -> dict:
     """The sweep and the comparison on one base; writes out/results.json, results.md, loss_curves.png (rank 0).
-    Returns everything results.json holds, or raises TrainError / ValueError for a bad base or data."""
+    Returns everything results.json holds, or raises TrainError / ValueError for a bad base or data.
+    With --resume a results.json already in `out` with the same run_identity is returned as it is."""
+    identity = json.loads(json.dumps(run_identity(args, base_folder)))
+    if args.resume and (out / "results.json").is_file():
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        if earlier.get("identity") == identity:
+            say(f"--resume: {out / 'results.json'} was made with these settings; kept")
+            return earlier
+        say(f"--resume: {out / 'results.json'} was made with other settings; running again")
     started = time.perf_counter()
     data_path = args.data or shipped("demo_data/train.json")
     val_path = args.val_data or (shipped("demo_data/heldout.json") if args.data is None else None)
@@ -296,7 +301,7 @@ def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_giv
                 "max_seq_len": args.max_seq_len, "precision": filled_cfg.precision, "seed": args.seed,
                 "warmup_ratio": args.warmup_ratio, "evals_per_epoch": args.evals_per_epoch,
                 "deepspeed": args.deepspeed, "method_hyper": {m: _method_hyper(filled_cfg, m, family) for m in methods}}
-    everything = {"command": command, "machine": machine_description(torch.get_num_threads()),
+    everything = {"command": command, "identity": identity, "machine": machine_description(torch.get_num_threads()),
                   "settings": settings, "sweep": sweep, "sweep_grid": {m: list(sweep_grid[m]) for m in sweep},
                   "lr": chosen, "results": results, "table_7b": big_table,
                   "records": [dataclasses.asdict(r) for r in data.val_records],

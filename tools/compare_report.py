@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -43,6 +43,22 @@ def fmt(value, spec):
 
 def percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def shipped(path: str) -> str:
+    import minipeft
+    return str(Path(minipeft.assets_dir()) / path)
+
+
+def display_path(path) -> Optional[str]:
+    """A path relative to the repository root when it lies inside it (so results.json is portable)."""
+    if path is None:
+        return None
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 # ---- scores of the generations -------------------------------------------------------------------
@@ -198,7 +214,7 @@ def write_bases_report(bases: Dict[str, dict], out: Path, command: str, wall_sec
     shared = {k: v for k, v in next(iter(bases.values()))["settings"].items() if k not in ("base", "family", "method_hyper")}
     everything = {"command": command, "machine": machine_description(torch.get_num_threads()),
                   "jobs": jobs, "settings": shared,
-                  "bases": {label: {k: v for k, v in run.items() if k not in ("command", "machine", "table_7b", "records")}
+                  "bases": {label: {k: v for k, v in run.items() if k not in ("command", "identity", "machine", "table_7b", "records")}
                             for label, run in bases.items()},
                   "records": [dataclasses.asdict(r) for r in records], "tables_7b": tables_7b,
                   "wall_seconds": wall_seconds}
