@@ -169,6 +169,13 @@ def cost_table(bases: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def answer_cell(text: str) -> str:
+    """One answer as a Markdown table cell: a code span (double backticks when the answer has one), | escaped,
+    line breaks shown as ⏎."""
+    shown = text.strip().replace("|", "\\|").replace("\n", "⏎") or " "
+    return f"`` {shown} ``" if "`" in shown else f"`{shown}`"
+
+
 def generations_markdown(bases: Dict[str, dict], records: Sequence, per_task: int = 2) -> str:
     """The first `per_task` held-out records of each task: the expected answer and every base x method's."""
     chosen, seen = [], {}
@@ -181,14 +188,13 @@ def generations_markdown(bases: Dict[str, dict], records: Sequence, per_task: in
     out = []
     for index in chosen:
         record = records[index]
-        cell = lambda text: "`" + (text.strip().replace("|", "\\|").replace("\n", "⏎") or " ") + "`"  # noqa: E731
-        out.append(f"**{task_of(record.instruction)}**: {record.instruction} / input `{record.input}` / "
-                   f"expected {cell(record.output)}\n")
+        out.append(f"**{task_of(record.instruction)}** (record {index}): {record.instruction} / input `{record.input}` / "
+                   f"expected {answer_cell(record.output)}\n")
         out.append("| base | " + " | ".join(METHOD_TITLES[m] for m in methods) + " |")
         out.append("| --- |" + " --- |" * len(methods))
         for label, run in bases.items():
             texts = [run["results"][m]["generations"] for m in methods if m in run["results"]]
-            out.append(f"| {label} | " + " | ".join(cell(t[index]) if index < len(t) else "-" for t in texts) + " |")
+            out.append(f"| {label} | " + " | ".join(answer_cell(t[index]) if index < len(t) else "-" for t in texts) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -227,8 +233,9 @@ def write_bases_report(bases: Dict[str, dict], out: Path, command: str, wall_sec
                                                           for label, run in bases.items()) + "\n",
                 "## Results (reproduced bit for bit by a rerun)\n", bases_table(bases) + "\n",
                 "## Exact match per task\n", per_task_table(bases) + "\n",
-                f"## Costs on this machine (these vary from run to run; whole run {wall_seconds:.0f} s, "
-                f"--jobs {jobs})\n", cost_table(bases) + "\n"]
+                f"## Costs on this machine (these vary from run to run; this run {wall_seconds:.0f} s with --jobs {jobs}; "
+                "each base's own run: " + ", ".join(f"{label} {run['wall_seconds']:.0f} s" for label, run in bases.items())
+                + ")\n", cost_table(bases) + "\n"]
     for name, table in tables_7b.items():
         sections += [f"## Computed: {name}, ZeRO-3 + CPU offload (optimizer and parameters), 8 GPUs, batch 4 x 512, "
                      "fp16\n", table_7b_markdown(table) + "\n"]
