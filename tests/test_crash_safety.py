@@ -93,7 +93,10 @@ def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int,
         proc = subprocess.Popen(command, cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True, preexec_fn=lambda: os.nice(5))   # the watcher stays ahead
     deadline = time.monotonic() + 240
-    while not (checkpoints / complete.format(k=k)).exists() and proc.poll() is None and time.monotonic() < deadline:
+    # Any complete checkpoint at step >= k counts: with --keep-checkpoints the run may already have rotated step
+    # k away when a starved watcher looks (a loaded machine), and the kill must still land mid-run.
+    while (not any((checkpoints / complete.format(k=j)).exists() for j in range(k, steps + 1))
+           and proc.poll() is None and time.monotonic() < deadline):
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.01))
     family = [proc.pid] + descendants(proc.pid)      # torchrun's ranks are not in its process group
