@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 import minipeft
-from minipeft.data import AlpacaEncoder, causal_lm_loss, collate, parse_records
+from minipeft.data import AlpacaEncoder, causal_lm_loss, collate, format_prompt, parse_records
 from minipeft.generate import generate
 
 TINY = minipeft.assets_dir() / "tiny-llama"
@@ -84,7 +84,7 @@ def per_task_accuracy(model, tokenizer, records, max_new_tokens: int = 6, batch_
     texts = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [tokenizer.encode(r.prompt, bos=True) for r in chunk]
+        prompts = [tokenizer.encode(format_prompt(r.instruction, r.input), bos=True) for r in chunk]   # Alpaca (LLaMA)
         for ids in generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id, pad_id=0):
             ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
             texts.append(tokenizer.decode(ids).strip())

@@ -94,10 +94,8 @@ PROMPT_FORMATS: Dict[str, PromptFormat] = {
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for one record (the response follows it directly)."""
-    if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+    """The Alpaca prompt for one record (the response follows it directly); other families: PROMPT_FORMATS."""
+    return PROMPT_FORMATS["llama"].render(instruction, input)
 
 
 # ---- reading records ----------------------------------------------------------------------------
@@ -105,11 +103,7 @@ def format_prompt(instruction: str, input: str = "") -> str:
 class Record:
     instruction: str
     output: str
-    input: str = ""
-
-    @property
-    def prompt(self) -> str:
-        return format_prompt(self.instruction, self.input)
+    input: str = ""      # (the prompt text depends on the family: PROMPT_FORMATS[family].render(instruction, input))
 
 
 @dataclass
@@ -132,9 +126,7 @@ def record_problem(obj) -> Optional[str]:
         if obj.get(key) is not None and not isinstance(obj[key], str):
             return f"field {key!r} must be a string, got {type(obj[key]).__name__}"
     if not (obj["output"] or "").strip():
-        if not (obj["instruction"] or "").strip():
-            return "instruction and output are both empty"
-        return "output is empty (nothing to learn)"
+        return "output is empty (nothing to learn)" if (obj["instruction"] or "").strip() else "instruction and output are both empty"
     return None
 
 
@@ -156,8 +148,7 @@ def parse_records(values: Sequence, *, strict: bool = False, source: str = "reco
 
 
 def read_text_file(path) -> str:
-    """The text of a UTF-8 file (a byte-order mark is dropped); DataError naming the file and the line of
-    the first byte that is not UTF-8."""
+    """The text of a UTF-8 file (BOM dropped); DataError naming the file and the line of the first non-UTF-8 byte."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
@@ -207,6 +198,14 @@ def read_records(path, *, strict: bool = False) -> Tuple[List[Record], List[Prob
     if not records and not problems:
         raise DataError(f"{path}: no records (expected a JSON list or JSON Lines of Alpaca records)")
     return records, problems
+
+
+def record_fields(path) -> List[List[str]]:
+    """Per valid record of an Alpaca file its non-empty fields as written (instruction data read as plain text)."""
+    records, problems = read_records(path)
+    if not records:
+        raise DataError(f"{path}: no usable Alpaca records ({problems[0]})")
+    return [[text for text in (r.instruction, r.input, r.output) if text] for r in records]
 
 
 # ---- tokenising ---------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def read_records_from(*objects):
 
 def test_truncation_cuts_the_prompt_start_first(tok, sp):
     record = Record(instruction="the cat sat on the mat " * 20, output="the answer is 42.")
-    full_prompt = [sp.bos_id()] + sp.encode(record.prompt)
+    full_prompt = [sp.bos_id()] + sp.encode(format_prompt(record.instruction, record.input))
     response = sp.encode(record.output) + [sp.eos_id()]
     limit = len(response) + 30
     assert len(full_prompt) + len(response) > limit

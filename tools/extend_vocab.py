@@ -16,7 +16,6 @@ Text files are read one line per text; .json / .jsonl files as Alpaca records (i
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -30,26 +29,18 @@ from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_check
 
 
 def read_texts(path) -> list:
-    """Non-empty texts of a file: lines of a text file, or the fields of Alpaca records (.json / .jsonl)."""
+    """Non-empty texts of a file: lines of a text file, or the lines of Alpaca records' fields (.json / .jsonl)."""
+    from minipeft.data import record_fields
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    try:
-        raw = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
     if path.suffix in (".json", ".jsonl"):
-        try:
-            records = (json.loads(raw) if path.suffix == ".json"
-                       else [json.loads(line) for line in raw.splitlines() if line.strip()])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{path}: expected a list of Alpaca records (objects with instruction/input/output)")
-        texts = [str(r.get(key) or "") for r in records for key in ("instruction", "input", "output")]
-        lines = [line for text in texts for line in text.splitlines()]
+        lines = [line for fields in record_fields(path) for text in fields for line in text.splitlines()]
     else:
-        lines = raw.splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no text in it")

@@ -22,7 +22,6 @@ sample with no context (k = 0 for glm), and counts every scored token:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -56,22 +55,18 @@ def parse_corpus_arg(arg: str):
 
 
 def read_corpus_text(path: Path) -> str:
-    """A plain-text file as it is; an Alpaca .json / .jsonl file as its records' texts, one per line block."""
+    """A plain-text file as it is; an Alpaca .json / .jsonl file as its records' texts (data.record_fields: each
+    record's fields stripped, a line each, one record after another)."""
+    from minipeft.data import DataError, record_fields
+    if path.suffix in (".json", ".jsonl"):
+        try:
+            return "".join("\n".join(text.strip() for text in fields) + "\n" for fields in record_fields(path))
+        except DataError as err:
+            raise PretrainError(f"--corpus {err}") from None
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise PretrainError(f"--corpus {path}: not UTF-8 text (byte offset {e.start})") from None
-    if path.suffix not in (".json", ".jsonl"):
-        return raw
-    try:
-        records = json.loads(raw) if path.suffix == ".json" else [json.loads(x) for x in raw.splitlines() if x.strip()]
-    except json.JSONDecodeError as e:
-        raise PretrainError(f"--corpus {path}: not valid JSON ({e})") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise PretrainError(f"--corpus {path}: expected a list of Alpaca records (instruction, input, output)")
-    texts = ["\n".join(str(r.get(k) or "").strip() for k in ("instruction", "input", "output") if r.get(k))
-             for r in records]
-    return "".join(text + "\n" for text in texts if text)
 
 
 def split_train_val(text: str, val_fraction: float):
