@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         try:
             initial_model = load_model(args.init_from, dtype=torch.float32)
         except (CheckpointError, OSError, ValueError) as err:
-            raise PretrainError(f"--init-from {args.init_from}: {err}") from None
+            raise PretrainError(f"--init-from: {err}") from None
         if args.family not in (None, initial_model.config.family):
             raise PretrainError(f"--family {args.family}: the --init-from folder holds a {initial_model.config.family} model")
         args.tokenizer = args.tokenizer or folder_tokenizer(Path(args.init_from))
