@@ -9,7 +9,6 @@ ZeRO-2 with LLaMA-Adapter on the same BLOOM (frozen base, falling loss).
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +20,9 @@ import torch.distributed as dist  # noqa: E402
 from minipeft.checkpoint import load_model  # noqa: E402
 from minipeft.peft import LlamaAdapterConfig, LoRAConfig  # noqa: E402
 from minipeft.train import TrainConfig, build_trainer, prepare_run  # noqa: E402
+from ds_worker import end_ranks, frozen_unchanged, record_facts  # noqa: E402  (the rank helpers of tests/ds_worker.py)
 
 
-def frozen_unchanged(trainer, original: dict) -> bool:
-    import deepspeed
-    frozen = [(n, p) for n, p in trainer.model.named_parameters() if not p.requires_grad]
-    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
-        return all(torch.equal(p.detach().cpu(), original[n.removeprefix("base.")].to(p.dtype)) for n, p in frozen)
 
 
 def flags(ws, out, **extra) -> dict:
@@ -73,16 +68,8 @@ def main():
     out_dir = Path(sys.argv[2])
     rank = int(os.environ["RANK"])
     for name, case in (("zero3_lora", run), ("zero2_la", run_zero2_llama_adapter)):
-        try:
-            facts = case(ws, out_dir, rank)
-        except Exception:
-            facts = {"error": traceback.format_exc()}
-        (out_dir / f"rank{rank}_{name}.json").write_text(json.dumps(facts))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+        record_facts(out_dir, rank, name, lambda: case(ws, out_dir, rank))
+    end_ranks()
 
 
 if __name__ == "__main__":

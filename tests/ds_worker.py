@@ -47,6 +47,24 @@ def frozen_unchanged(trainer, original: dict) -> bool:
         return all(torch.equal(p.detach().cpu(), original[n.removeprefix("base.")].to(p.dtype)) for n, p in frozen)
 
 
+def record_facts(out_dir: Path, rank: int, name: str, case) -> None:
+    """Run case() and write what it returns, or its traceback, to out_dir/rank<rank>_<name>.json."""
+    try:
+        facts = case()
+    except Exception:
+        facts = {"error": traceback.format_exc()}
+    (out_dir / f"rank{rank}_{name}.json").write_text(json.dumps(facts))
+
+
+def end_ranks() -> None:
+    """Wait for every rank, leave the process group and exit at once (skipping interpreter teardown)."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def gathered_equal(model, expected: dict) -> bool:
     """Every parameter of a (partitioned) model, gathered in full, equals expected[name] exactly."""
     import deepspeed
@@ -132,27 +150,14 @@ def main():
     runs = [(name, run_case, flags) for name, flags in cases]
     runs += [(name + "_full_load", run_full_load, flags) for name, flags in cases if name.startswith("zero3")]
     for name, run, flags in runs:
-        try:
-            facts = run(name, ws, out_dir, rank, **flags)
-        except Exception:
-            facts = {"error": traceback.format_exc()}
-        (out_dir / f"rank{rank}_{name}.json").write_text(json.dumps(facts))
+        record_facts(out_dir, rank, name, lambda: run(name, ws, out_dir, rank, **flags))
 
     import finetune                                   # the command-line entry point itself, same process group
-    try:
-        code = finetune.main(["--model", ws["model"], "--train-data", ws["train"], "--val-data", ws["val"],
-                              "--max-seq-len", str(ws["max_seq_len"]), "--max-steps", "2", "--batch-size", "2",
-                              "--no-progress", "--out", str(out_dir / "cli"), "--deepspeed", ws["zero2"]])
-        facts = {"exit_code": code}
-    except Exception:
-        facts = {"error": traceback.format_exc()}
-    (out_dir / f"rank{rank}_cli_zero2.json").write_text(json.dumps(facts))
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    argv = ["--model", ws["model"], "--train-data", ws["train"], "--val-data", ws["val"], "--max-seq-len",
+            str(ws["max_seq_len"]), "--max-steps", "2", "--batch-size", "2", "--no-progress", "--out", str(out_dir / "cli"),
+            "--deepspeed", ws["zero2"]]
+    record_facts(out_dir, rank, "cli_zero2", lambda: {"exit_code": finetune.main(argv)})
+    end_ranks()
 
 
 if __name__ == "__main__":
