@@ -13,6 +13,7 @@ from minipeft.generate import generate
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PeftConfigError,
                            PrefixConfig, PromptConfig, apply_peft, load_adapter, save_adapter)
 from helpers_bloom import left_padded
+from helpers_generate import greedy_without_cache  # noqa: E402
 
 CFG = ModelConfig(family="bloom", dim=48, n_layers=3, n_heads=6, vocab_size=120, norm_eps=1e-5)
 CONFIGS = {
@@ -90,11 +91,7 @@ def test_save_reload_and_cached_generation(method, tmp_path):
     # generation with the cache == recomputing everything each step
     prompt = [5, 17, 33, 8]
     cached = generate(reloaded, [prompt], max_new_tokens=6)[0]
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(reloaded(torch.tensor([ids]))[0, -1].argmax()))
-    assert cached == ids[len(prompt):]
+    assert cached == greedy_without_cache(reloaded, prompt, 6)
 
 
 def test_an_adapter_refuses_a_base_of_another_family(tmp_path):

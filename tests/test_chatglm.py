@@ -13,6 +13,7 @@ from minipeft.checkpoint import CheckpointError, convert_checkpoint, load_model
 from minipeft.checkpoint.hf_chatglm import pairs_to_rotate_half, rotate_half_to_pairs
 from minipeft.families import build_model
 from minipeft.generate import generate
+from helpers_generate import greedy_without_cache  # noqa: E402
 
 # context [gMASK] <sop> response: rows of different lengths (one uses [MASK] instead of [gMASK])
 ROWS = [[5, 17, 42, 8, GMASK, SOP, 33, 9, 61],
@@ -88,11 +89,7 @@ def test_cached_generation_equals_no_cache(converted):
     prompts = [[5, 17, 42, 8, GMASK, SOP], [7, 70, GMASK, SOP]]
     cached = generate(model, prompts, max_new_tokens=6)
     for prompt, new in zip(prompts, cached):
-        seq = list(prompt)
-        for _ in range(6):                                   # no cache: the whole sequence each step
-            with torch.no_grad():
-                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-        assert new == seq[len(prompt):]
+        assert new == greedy_without_cache(model, prompt, 6)
 
 
 def test_bad_chatglm_folders(tmp_path):

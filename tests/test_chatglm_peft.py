@@ -14,6 +14,7 @@ from minipeft.checkpoint.hf_chatglm import pairs_to_rotate_half
 from minipeft.generate import generate
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig,
                            PeftConfigError, apply_peft, export_lora_to_hf_peft, load_adapter, save_adapter)
+from helpers_generate import greedy_without_cache  # noqa: E402
 
 METHODS = {"full": FullConfig(), "lora": LoRAConfig(rank=4, alpha=8, targets=("wqkv", "wo", "w1", "w2")),
            "prompt": PromptConfig(prompt_len=3, init="random"), "prefix": PrefixConfig(prefix_len=3, reparam_hidden=16),
@@ -42,14 +43,6 @@ def batch():
         tokens[i, :n] = torch.tensor(prompt + reply)
         labels[i, len(prompt):n] = torch.tensor(reply)
     return tokens, labels
-
-
-def greedy_without_cache(model, prompt, steps):
-    seq = list(prompt)
-    for _ in range(steps):                     # the whole sequence each step; positions derived from the ids
-        with torch.no_grad():
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

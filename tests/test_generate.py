@@ -24,6 +24,7 @@ from minipeft.generate import GenerationError, generate, next_token_probs, top_k
 from minipeft.model import Transformer
 from minipeft.peft import LoRAConfig, PrefixConfig, PromptConfig, apply_peft, save_adapter
 from minipeft.tokenizer import Tokenizer
+from helpers_generate import greedy_without_cache  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 13, 2, 40, 41], [1, 77], [1, 30, 31, 32, 33], [1, 8, 8, 8]]
 MAX_NEW = 8
@@ -43,16 +44,6 @@ def model():
     return random_model()
 
 
-def greedy_by_recomputing(model, prompt, max_new_tokens):
-    """The reference: no cache, no padding, the whole sequence through the model at every step."""
-    sequence = list(prompt)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(torch.tensor([sequence]))                                # (1, len, V)
-            sequence.append(int(logits[0, -1].argmax()))
-    return sequence[len(prompt):]
-
-
 class CountingModel(torch.nn.Module):
     """Wraps a model and counts forward calls (to see that generation stops early)."""
 
@@ -66,7 +57,7 @@ class CountingModel(torch.nn.Module):
 
 
 def test_greedy_batch_equals_recomputing_each_prompt_alone(model):
-    reference = [greedy_by_recomputing(model, p, MAX_NEW) for p in PROMPTS]
+    reference = [greedy_without_cache(model, p, MAX_NEW) for p in PROMPTS]
     batched = generate(model, PROMPTS, MAX_NEW, pad_id=0)
     assert batched == reference
     for prompt, expected in zip(PROMPTS, reference):
@@ -99,7 +90,7 @@ def test_greedy_equals_transformers_generate():
 
 
 def test_eos_ends_a_row_and_generation_stops_when_all_rows_ended(model):
-    reference = [greedy_by_recomputing(model, p, MAX_NEW) for p in PROMPTS]
+    reference = [greedy_without_cache(model, p, MAX_NEW) for p in PROMPTS]
     eos_id = reference[0][2]                                                        # row 0's third token
     expected = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in reference]
     assert len(expected[0]) <= 3
@@ -200,10 +191,10 @@ def test_peft_model_batch_equals_recomputing(method):
               "prefix": PrefixConfig(prefix_len=3, reparam_hidden=None),
               "prompt": PromptConfig(prompt_len=3, init="random")}[method]
     peft_model = perturbed_peft_model(random_model(seed=2), config)
-    reference = [greedy_by_recomputing(peft_model, p, MAX_NEW) for p in PROMPTS]
+    reference = [greedy_without_cache(peft_model, p, MAX_NEW) for p in PROMPTS]
     assert generate(peft_model, PROMPTS, MAX_NEW) == reference
     if method != "lora":                                    # the base is untouched: the virtual tokens count
-        assert reference != [greedy_by_recomputing(peft_model.base, p, MAX_NEW) for p in PROMPTS]
+        assert reference != [greedy_without_cache(peft_model.base, p, MAX_NEW) for p in PROMPTS]
 
 
 # ---- tools/generate.py ----------------------------------------------------------------------------

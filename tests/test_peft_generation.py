@@ -11,6 +11,7 @@ from minipeft.generate import generate
 from minipeft.model import Transformer
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig,
                            apply_peft)
+from helpers_generate import greedy_without_cache  # noqa: E402
 
 METHOD_CONFIGS = {
     "full": FullConfig(),
@@ -23,15 +24,6 @@ METHOD_CONFIGS = {
 
 PROMPTS = [[5, 17, 42, 8, 3, 60], [11, 29]]      # different lengths: the batch is left-padded
 NEW_TOKENS = 5
-
-
-def greedy_without_cache(model, prompt, max_new_tokens):
-    """Recompute the full sequence at every step and take the argmax of the last position."""
-    sequence = list(prompt)
-    for _ in range(max_new_tokens):
-        logits = model(torch.tensor([sequence]))                                   # (1, n, V)
-        sequence.append(int(logits[0, -1].argmax()))
-    return sequence[len(prompt):]
 
 
 @pytest.mark.parametrize("method", list(METHOD_CONFIGS))
