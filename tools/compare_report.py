@@ -130,42 +130,43 @@ def save_figure(fig, path: Path) -> None:
 
 
 # ---- several bases -------------------------------------------------------------------------------
+def base_method_results(bases: Dict[str, dict]):
+    """(base label, method, its result) for every base, methods in the reference table's order."""
+    for label, run in bases.items():
+        for method in (m for m in METHOD_ORDER if m in run["results"]):
+            yield label, method, run["results"][method]
+
+
 def bases_table(bases: Dict[str, dict]) -> str:
     """One row per base and method: the numbers a rerun reproduces bit for bit (no timings)."""
     lines = ["| base | method | lr | trainable (%) | final train loss | held-out loss (best, epoch) | train/val gap | "
              "exact match | answer chars (expected) |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label, run in bases.items():
-        for method in (m for m in METHOD_ORDER if m in run["results"]):
-            r = run["results"][method]
-            lines.append(
-                f"| {label} | {METHOD_TITLES[method]} | {r['lr']:g} | {r['trainable']:,} ({r['trainable_percent']:.2f}) | "
-                f"{r['final_train_loss']:.4f} | {r['final_val_loss']:.4f} ({r['best_val_loss']:.4f}, "
-                f"{r['best_val_epoch']:.2f}) | {r['train_val_gap']:+.4f} | {percent(r['exact_match'])} | "
-                f"{fmt(r['answer_chars_mean'], '.1f')} ({fmt(r['expected_chars_mean'], '.1f')}) |")
+    for label, method, r in base_method_results(bases):
+        lines.append(
+            f"| {label} | {METHOD_TITLES[method]} | {r['lr']:g} | {r['trainable']:,} ({r['trainable_percent']:.2f}) | "
+            f"{r['final_train_loss']:.4f} | {r['final_val_loss']:.4f} ({r['best_val_loss']:.4f}, "
+            f"{r['best_val_epoch']:.2f}) | {r['train_val_gap']:+.4f} | {percent(r['exact_match'])} | "
+            f"{fmt(r['answer_chars_mean'], '.1f')} ({fmt(r['expected_chars_mean'], '.1f')}) |")
     return "\n".join(lines)
 
 
 def per_task_table(bases: Dict[str, dict]) -> str:
     tasks = sorted({t for run in bases.values() for r in run["results"].values() for t in r["per_task"]})
     lines = ["| base | method | " + " | ".join(tasks) + " |", "| --- | --- |" + " ---: |" * len(tasks)]
-    for label, run in bases.items():
-        for method in (m for m in METHOD_ORDER if m in run["results"]):
-            per_task = run["results"][method]["per_task"]
-            lines.append(f"| {label} | {METHOD_TITLES[method]} | "
-                         + " | ".join(percent(per_task.get(t)) for t in tasks) + " |")
+    for label, method, r in base_method_results(bases):
+        lines.append(f"| {label} | {METHOD_TITLES[method]} | "
+                     + " | ".join(percent(r["per_task"].get(t)) for t in tasks) + " |")
     return "\n".join(lines)
 
 
 def cost_table(bases: Dict[str, dict]) -> str:
     """Timings and memory: these differ from run to run (the machine is shared), the other tables do not."""
     lines = ["| base | method | training seconds | tokens/s | peak memory |", "| --- | --- | ---: | ---: | ---: |"]
-    for label, run in bases.items():
-        for method in (m for m in METHOD_ORDER if m in run["results"]):
-            r = run["results"][method]
-            memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
-            lines.append(f"| {label} | {METHOD_TITLES[method]} | {r['train_seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
-                         f"{memory} |")
+    for label, method, r in base_method_results(bases):
+        memory = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB"
+        lines.append(f"| {label} | {METHOD_TITLES[method]} | {r['train_seconds']:.0f} | {r['tokens_per_s']:,.0f} | "
+                     f"{memory} |")
     return "\n".join(lines)
 
 
