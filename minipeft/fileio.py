@@ -72,9 +72,13 @@ def write_atomic(path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_json_atomic(path, data) -> Path:
-    text = json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+def write_text_atomic(path, text: str) -> Path:
+    """A UTF-8 text file, written whole or not at all."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path, data) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def write_safetensors_atomic(path, tensors: Dict, metadata: Optional[dict] = None) -> Path:

@@ -53,17 +53,17 @@ import torch  # noqa: E402
 
 from compare_report import (METHOD_ORDER, METHOD_TITLES, MODELS_7B, bases_table, display_path, fmt,  # noqa: E402,F401
                             machine_description, plot_curves, results_table, shipped, table_7b, table_7b_markdown,
-                            write_atomic, write_bases_report)
-from compare_run import PeakMemory, run_method, sweep_learning_rates  # noqa: E402,F401
+                            write_bases_report)
+from compare_run import run_method, sweep_learning_rates  # noqa: E402
+from minipeft.fileio import write_text_atomic  # noqa: E402
 from minipeft.train import (METHODS, TINY_COMPARISON_LR, TrainConfig, TrainError, load_deepspeed_config,  # noqa: E402
                             prepare_run, resolve_deepspeed_config)
 from minipeft.train.prepare import with_family_defaults  # noqa: E402
 
-# Peak learning rates used without --sweep: minipeft/train/learning_rates.py's TINY_COMPARISON_LR, chosen by
-# `--sweep` on the shipped tiny model and demo data (grid SWEEP_LRS extended past its edge where needed,
-# 1 epoch of 400 examples, lowest validation loss on 160 training records outside the training subset); the
-# sweep's numbers are in lessons/08_comparison/results.json. LLaMA-Adapter's zero-initialised gates need a
-# very large rate here.
+# Peak learning rates used without --sweep: learning_rates.py's TINY_COMPARISON_LR, chosen by `--sweep` on the
+# shipped tiny LLaMA and demo data (SWEEP_LRS extended past its edge where needed, 1 epoch of 400 examples, lowest
+# validation loss on 160 training records outside the subset; the numbers: lessons/08_comparison/results.json,
+# bases.llama.sweep). LLaMA-Adapter's zero-initialised gates need a very large rate here.
 CHOSEN_LR = TINY_COMPARISON_LR
 # Three rates per method, a factor ~3 apart, centred on the usual ratio between methods: full fine-tuning
 # lowest; LoRA and adapters ~3x higher; LLaMA-Adapter, prefix and prompt tuning 10-100x higher.
@@ -309,13 +309,13 @@ def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_giv
     if rank != 0:
         return everything
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(everything, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(everything, indent=1, ensure_ascii=False) + "\n")
     title = (f"{Path(filled_cfg.model).name} on {Path(data_path).name}: {len(data.train)} examples x "
              f"{args.epochs:g} epochs, batch {filled_cfg.batch_size}x{filled_cfg.grad_accum}, seed {args.seed}")
     markdown = (f"# PEFT methods compared\n\n`{command}`\n\n{title}\n\n{results_table(results)}\n\n"
                 f"## Computed: {args.model_7b} shape, ZeRO-3 + CPU offload (optimizer and parameters), 8 GPUs, "
                 f"batch 4 x 512, fp16\n\n{table_7b_markdown(big_table)}\n")
-    write_atomic(out / "results.md", markdown)
+    write_text_atomic(out / "results.md", markdown)
     if args.plot:
         plot_curves(results, out / "loss_curves.png", title)
     return everything

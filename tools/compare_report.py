@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_demo_data import TASKS  # noqa: E402
+from minipeft.fileio import write_atomic, write_text_atomic  # noqa: E402
 
 # The order of the reference table, with the Houlsby adapter as a sixth.
 METHOD_ORDER = ("full", "lora", "llama_adapter", "prompt", "prefix", "adapter")
@@ -30,11 +31,6 @@ METHOD_TITLES = {"full": "full fine-tuning", "lora": "LoRA", "llama_adapter": "L
                  "prompt": "prompt tuning", "prefix": "prefix tuning", "adapter": "adapter (Houlsby)"}
 TASK_OF_INSTRUCTION = {instruction: task for task, instruction in TASKS.items()}
 GiB = 2 ** 30
-
-
-def write_atomic(path: Path, text: str) -> None:
-    from minipeft.fileio import write_atomic as write_file_atomic
-    write_file_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def fmt(value, spec):
@@ -124,7 +120,6 @@ def plot_curves(results: Dict[str, dict], path: Path, title: str, axes=None) -> 
 
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
-    from minipeft.fileio import write_atomic
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
@@ -226,7 +221,7 @@ def write_bases_report(bases: Dict[str, dict], out: Path, command: str, wall_sec
                   "records": [dataclasses.asdict(r) for r in records], "tables_7b": tables_7b,
                   "wall_seconds": wall_seconds}
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(everything, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(everything, indent=1, ensure_ascii=False) + "\n")
     sections = [f"# PEFT methods compared on {len(bases)} bases\n\n`{command}`\n",
                 f"{shared['train_examples']} training examples x {shared['epochs']:g} epochs ({shared['steps']} steps of "
                 f"{shared['batch_size']}x{shared['grad_accum']}), {shared['exact_match_records']} held-out records, "
@@ -240,8 +235,8 @@ def write_bases_report(bases: Dict[str, dict], out: Path, command: str, wall_sec
     for name, table in tables_7b.items():
         sections += [f"## Computed: {name}, ZeRO-3 + CPU offload (optimizer and parameters), 8 GPUs, batch 4 x 512, "
                      "fp16\n", table_7b_markdown(table) + "\n"]
-    write_atomic(out / "results.md", "\n".join(sections))
-    write_atomic(out / "generations.md", f"# Greedy answers side by side\n\n`{command}`\n\n"
+    write_text_atomic(out / "results.md", "\n".join(sections))
+    write_text_atomic(out / "generations.md", f"# Greedy answers side by side\n\n`{command}`\n\n"
                  + generations_markdown(bases, records))
     if plot:
         plot_bases({label: run for label, run in bases.items()}, out / "loss_curves.png")

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from minipeft.config import ModelConfig  # noqa: E402
 from minipeft.families import build_model, tokenizer_for  # noqa: E402
-from minipeft.fileio import write_atomic  # noqa: E402
+from minipeft.fileio import write_atomic, write_text_atomic  # noqa: E402
 from pretrain_corpus import (IGNORE, PretrainError, SampleLayout, first_lines, mean_nll, parse_corpus_arg,  # noqa: E402
                              read_corpus_text, split_train_val, total_nll)
 from tiny_tokenizers import TOKENIZER_FILE, TokenizerTrainingError, train_family_tokenizer  # noqa: E402
@@ -69,10 +69,6 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float
 
 def atomic_torch_save(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def plot_losses(history, path: Path, title: str) -> None:
@@ -263,7 +259,7 @@ def main(argv=None) -> int:
     # val_text.txt: the leading lines of each file's held-out text (what the shipped perplexity is measured on)
     val_text_parts = [first_lines(val_text, args.val_text_chars) for _, val_text in splits]
     val_text = "".join(part if part.endswith("\n") else part + "\n" for part in val_text_parts)
-    atomic_write_text(out / "val_text.txt", val_text)
+    write_text_atomic(out / "val_text.txt", val_text)
 
     # ---- model ----
     if initial_model is not None:
@@ -377,7 +373,7 @@ def main(argv=None) -> int:
     ppl, n_tokens, per_part = text_perplexities(shipped)
     last = [l for _, l in history["train"][-50:]]
     save_checkpoint_folder(model.cpu(), cfg, model_dir, tokenizer_path)
-    atomic_write_text(model_dir / "val_text.txt", val_text)
+    write_text_atomic(model_dir / "val_text.txt", val_text)
     metrics = {
         "family": family, "init_from": None if args.init_from is None else str(args.init_from),
         "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -394,7 +390,7 @@ def main(argv=None) -> int:
         "file_bytes": {f.name: f.stat().st_size for f in sorted(model_dir.iterdir())},
         "args": sys.argv[1:] if argv is None else list(argv),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     print(f"done: {step} steps in {wall_s / 60:.1f} min, val loss {metrics['final_val_loss']:.3f}, "
           f"val_text perplexity {ppl:.1f} ({start_kind.replace('_', ' ')} {start['val_text_perplexity']:.1f}) "
           f"-> {model_dir}")
