@@ -146,35 +146,46 @@ def lora_target_shapes(cfg: ModelConfig) -> dict:
     return {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, f), "w2": (f, d), "w3": (d, f)}
 
 
-def closed_form_trainable(cfg: ModelConfig, method: str, **hyper) -> int:
-    """Trainable parameters of each PEFT method, from the formulas of lessons 02-06 (LoRA adds no biases).
+# ---- trainable parameters of each method (the PEFT registry's `closed_form` entries call these) ----------
+# The formulas of lessons 02-06; LoRA adds no biases.
+def full_trainable(cfg: ModelConfig) -> int:
+    """Full fine-tuning trains everything: Psi (parameter_count), or, for a family with no formula written,
+    the count of a model built on the meta device."""
+    if cfg.family in ("llama", "chatglm2", "bloom"):
+        return parameter_count(cfg)["total"]
+    from .families import build_model
+    with torch.device("meta"):
+        return build_model(cfg).num_parameters()
 
-    lora: n_layers * sum over targets of rank * (d_in + d_out); prompt: P * d; prefix: L * 2 * P * kv_dim
-    directly, or with the MLP P*d + (d*h + h) + (h*L*2*kv_dim + L*2*kv_dim); adapter: 2 per layer of
-    (2 d m + d + m); llama_adapter: L_top * (K * d + H); full: everything (parameter_count)."""
-    d, L, kv = cfg.dim, cfg.n_layers, cfg.kv_dim
-    if method == "full":
-        if cfg.family in ("llama", "chatglm2", "bloom"):
-            return parameter_count(cfg)["total"]
-        from .families import build_model                  # no closed form written for this family: count
-        with torch.device("meta"):
-            return build_model(cfg).num_parameters()
-    if method == "lora":
-        shapes = lora_target_shapes(cfg)
-        return L * sum(hyper["rank"] * (shapes[t][0] + shapes[t][1]) for t in hyper["targets"])
-    if method == "prompt":
-        return hyper["prompt_len"] * d
-    if method == "prefix":
-        P, h = hyper["prefix_len"], hyper["reparam_hidden"]
-        if h is None:
-            return L * 2 * P * kv
-        return P * d + (d * h + h) + (h * L * 2 * kv + L * 2 * kv)
-    if method == "adapter":
-        m = hyper["bottleneck"]
-        return L * 2 * (2 * d * m + d + m)
-    if method == "llama_adapter":
-        return hyper["adapter_layers"] * (hyper["prompt_len"] * d + cfg.n_heads)
-    raise ValueError(f"unknown method {method!r}")
+
+def lora_trainable(cfg: ModelConfig, rank: int, targets) -> int:
+    """n_layers * sum over targets of rank * (d_in + d_out)."""
+    shapes = lora_target_shapes(cfg)
+    return cfg.n_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def prompt_trainable(cfg: ModelConfig, prompt_len: int) -> int:
+    """P * d."""
+    return prompt_len * cfg.dim
+
+
+def prefix_trainable(cfg: ModelConfig, prefix_len: int, reparam_hidden) -> int:
+    """L * 2 * P * kv_dim trained directly; with the MLP P*d + (d*h + h) + (h*L*2*kv_dim + L*2*kv_dim)."""
+    d, L, kv, P, h = cfg.dim, cfg.n_layers, cfg.kv_dim, prefix_len, reparam_hidden
+    if h is None:
+        return L * 2 * P * kv
+    return P * d + (d * h + h) + (h * L * 2 * kv + L * 2 * kv)
+
+
+def adapter_trainable(cfg: ModelConfig, bottleneck: int) -> int:
+    """2 adapters per layer of (2 d m + d + m)."""
+    d, m = cfg.dim, bottleneck
+    return cfg.n_layers * 2 * (2 * d * m + d + m)
+
+
+def llama_adapter_trainable(cfg: ModelConfig, prompt_len: int, adapter_layers: int) -> int:
+    """L_top * (K * d + H)."""
+    return adapter_layers * (prompt_len * cfg.dim + cfg.n_heads)
 
 
 # ---- activations (bytes per token, 16-bit activations, fp32 RMSNorm statistics, fused attention) -----

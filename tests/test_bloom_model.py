@@ -143,12 +143,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize("name", ["bloom-7b1", "llama-7b", "chinese-llama-7b", "tiny", "chatglm2-6b"])
 def test_parameter_formula_equals_the_model(name):
-    from minipeft.memory import closed_form_trainable, parameter_count, vocabulary_share
+    from minipeft.memory import parameter_count, vocabulary_share
+    from minipeft.peft import FullConfig, closed_form_trainable
     cfg = ModelConfig.from_name(name)
     with torch.device("meta"):
         model = build_model(cfg)
     parts = parameter_count(cfg)
-    assert parts["total"] == model.num_parameters() == closed_form_trainable(cfg, "full")
+    assert parts["total"] == model.num_parameters() == closed_form_trainable(cfg, FullConfig())
     assert parts["embedding"] == model.tok_embeddings.weight.numel()
     if name == "bloom-7b1":
         assert parts["output"] == 0 and parts["embedding"] == 250_880 * 4096

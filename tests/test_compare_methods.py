@@ -75,7 +75,7 @@ def test_same_token_budget_and_sweep(run):
 
 def test_trainable_counts_match_apply_peft(run):
     ws, _, results = run
-    from minipeft.memory import closed_form_trainable
+    from minipeft.peft import closed_form_trainable
     settings_cfg = TrainConfig(model=ws["model"])
     for method in METHODS:
         peft_config = peft_config_from(dataclasses.replace(settings_cfg, method=method))
@@ -83,16 +83,7 @@ def test_trainable_counts_match_apply_peft(run):
         report = apply_peft(base, peft_config).report
         r = results["results"][method]
         assert (r["trainable"], r["total"]) == (report.trainable, report.total), method
-        hyper = {k: v for k, v in dataclasses.asdict(peft_config).items() if k != "extra_trainable"}
-        if method == "llama_adapter":
-            hyper["adapter_layers"] = hyper["adapter_layers"] or min(30, base.config.n_layers)
-        hyper = {"lora": dict(rank=hyper.get("rank"), targets=hyper.get("targets")),
-                 "prompt": dict(prompt_len=hyper.get("prompt_len")),
-                 "prefix": dict(prefix_len=hyper.get("prefix_len"), reparam_hidden=hyper.get("reparam_hidden")),
-                 "adapter": dict(bottleneck=hyper.get("bottleneck")),
-                 "llama_adapter": dict(prompt_len=hyper.get("prompt_len"), adapter_layers=hyper.get("adapter_layers")),
-                 "full": {}}[method]
-        assert r["trainable"] == closed_form_trainable(base.config, method, **hyper), method
+        assert r["trainable"] == closed_form_trainable(base.config, peft_config), method
 
 
 def test_7b_table_against_hand_formulas(run):

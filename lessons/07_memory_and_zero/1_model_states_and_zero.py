@@ -4,8 +4,9 @@
 Run from the repository root:
     DS_ACCELERATOR=cpu PYTHONPATH=. python lessons/07_memory_and_zero/1_model_states_and_zero.py
 
-The functions `model_state_bytes`, `zero_bytes_per_gpu`, `deepspeed_cold_estimate` and
-`closed_form_trainable` are pure (numbers in, numbers out) and live in minipeft/memory.py, so other tools
+The functions `model_state_bytes`, `zero_bytes_per_gpu`, `deepspeed_cold_estimate` and the per-method
+trainable counts (`lora_trainable`, ..., reached as `closed_form_trainable(cfg, config)` through each method's
+registry entry) are pure (numbers in, numbers out) and live in minipeft/memory.py, so other tools
 (tools/compare_methods.py) reuse them; this script checks them.
 """
 
@@ -19,10 +20,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed would otherwise loo
 import torch
 
 from minipeft.config import ModelConfig
-from minipeft.memory import closed_form_trainable, deepspeed_cold_estimate, model_state_bytes, zero_bytes_per_gpu
+from minipeft.memory import deepspeed_cold_estimate, model_state_bytes, zero_bytes_per_gpu
 from minipeft.model import Transformer
 from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig,
-                           apply_peft)
+                           apply_peft, closed_form_trainable)
 
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ GiB = 2 ** 30
 
 # ================================================================================================
 # The reusable formulas live in minipeft/memory.py (imported above): model_state_bytes, zero_bytes_per_gpu,
-# deepspeed_cold_estimate, closed_form_trainable. Read them there; this script checks them.
+# deepspeed_cold_estimate, the per-method trainable counts. Read them there; this script checks them.
 # ================================================================================================
 # ================================================================================================
 # 1. Bytes per parameter
@@ -60,21 +61,21 @@ check_equal("model_state_bytes(1, 0)['total'] (a frozen parameter)", model_state
 # ================================================================================================
 cfg = ModelConfig.from_name("llama-7b")
 methods = {
-    "full": (FullConfig(), {}),
-    "lora": (LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")), dict(rank=8, targets=("wq", "wv"))),
-    "prompt": (PromptConfig(prompt_len=20, init="random"), dict(prompt_len=20)),
-    "prefix": (PrefixConfig(prefix_len=10, reparam_hidden=None), dict(prefix_len=10, reparam_hidden=None)),
-    "prefix+mlp": (PrefixConfig(prefix_len=10, reparam_hidden=512), dict(prefix_len=10, reparam_hidden=512)),
-    "adapter": (AdapterConfig(bottleneck=64), dict(bottleneck=64)),
-    "llama_adapter": (LlamaAdapterConfig(prompt_len=10, adapter_layers=30), dict(prompt_len=10, adapter_layers=30)),
+    "full": FullConfig(),
+    "lora": LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")),
+    "prompt": PromptConfig(prompt_len=20, init="random"),
+    "prefix": PrefixConfig(prefix_len=10, reparam_hidden=None),
+    "prefix+mlp": PrefixConfig(prefix_len=10, reparam_hidden=512),
+    "adapter": AdapterConfig(bottleneck=64),
+    "llama_adapter": LlamaAdapterConfig(prompt_len=10, adapter_layers=30),
 }
 print("2. LLaMA-7B, one GPU, model states only (trainable counts from apply_peft on the meta device)")
 rows = {}
-for name, (peft_config, hyper) in methods.items():
+for name, peft_config in methods.items():
     with torch.device("meta"):                                      # shapes only, no memory
         model = apply_peft(Transformer(cfg), peft_config)
     report = model.report
-    formula = closed_form_trainable(cfg, name.split("+")[0], **hyper)
+    formula = closed_form_trainable(cfg, peft_config)
     check_equal(f"{name}: apply_peft trainable == closed form", report.trainable, formula)
     states = model_state_bytes(report.total, report.trainable)
     per_tensor = sum(p.numel() * (16 if p.requires_grad else 2) for p in model.parameters())   # tensor by tensor

@@ -27,8 +27,8 @@ import torch
 
 from minipeft.config import ModelConfig
 from minipeft.families import build_model
-from minipeft.memory import closed_form_trainable
-from minipeft.peft import PEFT_CONFIGS, apply_peft
+from minipeft.peft import PEFT_CONFIGS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig, PromptConfig
+from minipeft.peft import apply_peft, closed_form_trainable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
 from checks import check, check_equal, check_true  # noqa: E402
@@ -83,11 +83,7 @@ for name, table in results["tables_7b"].items():
                         12 * report.trainable, 0, 2 * got[method][1] + 14 * report.trainable, activations,
                         4 * B * T * V, 4 * largest, 4 * largest + activations + 4 * B * T * V]
         if cfg.family != "chatglm":             # the closed forms of lessons 02-06 (ChatGLM-6B has none written)
-            hyper = {k: v for k, v in dataclasses.asdict(config).items() if k in (
-                "rank", "targets", "prompt_len", "prefix_len", "reparam_hidden", "bottleneck", "adapter_layers")}
-            if method == "lora":
-                hyper.pop("prompt_len", None)
-            check_equal(f"  {method}: trainable == closed form", row["trainable"], closed_form_trainable(cfg, method, **hyper))
+            check_equal(f"  {method}: trainable == closed form", row["trainable"], closed_form_trainable(cfg, config))
     check_equal(f"  every method: [trainable, total, Adam state, GPU states, CPU, activations, logits, buffer, per GPU]"
                 " == apply_peft and lesson 07's formulas", got, want)
 llama = results["tables_7b"]["llama-7b"]["rows"]
@@ -185,19 +181,19 @@ check_equal("the README's 7B memory table (per GPU / CPU, GiB) == results.json's
 print("4. lessons/README.md's 'trainable at 7B' column == closed_form_trainable")
 cfg = ModelConfig.from_name("llama-7b")
 index = (ROOT / "lessons" / "README.md").read_text(encoding="utf-8")
-rows_7b = {"full fine-tuning": ("full", {}), "LoRA r = 8": ("lora", {"rank": 8, "targets": ("wq", "wv")}),
-           "prompt tuning P = 20": ("prompt", {"prompt_len": 20}),
-           "prefix tuning P = 10": ("prefix", {"prefix_len": 10, "reparam_hidden": None}),
-           "Houlsby adapter m = 64": ("adapter", {"bottleneck": 64}),
-           "LLaMA-Adapter K = 10": ("llama_adapter", {"prompt_len": 10, "adapter_layers": 30})}
+rows_7b = {"full fine-tuning": FullConfig(), "LoRA r = 8": LoRAConfig(rank=8, targets=("wq", "wv")),
+           "prompt tuning P = 20": PromptConfig(prompt_len=20),
+           "prefix tuning P = 10": PrefixConfig(prefix_len=10, reparam_hidden=None),
+           "Houlsby adapter m = 64": AdapterConfig(bottleneck=64),
+           "LLaMA-Adapter K = 10": LlamaAdapterConfig(prompt_len=10, adapter_layers=30)}
 shown, computed = [], []
-for label, (method, hyper) in rows_7b.items():
+for label, peft_config in rows_7b.items():
     line = next(l for l in index.splitlines() if l.startswith(f"| {label}"))
     shown.append(int(line.rstrip(" |").split(" | ")[-1].split(" ")[0].replace(",", "")))
-    computed.append(closed_form_trainable(cfg, method, **hyper))
+    computed.append(closed_form_trainable(cfg, peft_config))
 check_equal("six methods at LLaMA-7B", shown, computed)
 prefix_line = next(l for l in index.splitlines() if l.startswith("| prefix tuning P = 10"))
 check_equal("prefix tuning with its MLP while training", "136,618,496" in prefix_line,
-            closed_form_trainable(cfg, "prefix", prefix_len=10, reparam_hidden=512) == 136_618_496)
+            closed_form_trainable(cfg, PrefixConfig(prefix_len=10, reparam_hidden=512)) == 136_618_496)
 
 print("all checks passed")

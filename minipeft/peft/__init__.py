@@ -7,7 +7,8 @@ The files, bottom up (each imports only those above it):
     config.py          PeftConfigError and one validated config dataclass per method
     replace.py         replace a sub-module by name; collect what the method modules declare they train
     lora.py, soft_prompt.py, prefix.py, adapter.py, llama_adapter.py   one method each: its modules + install()
-    registry.py        the table of methods (PeftMethod): what apply_peft, save/load and the CLI read
+    learning_rates.py  the built-in methods' tuned default learning rates and sweep grid
+    registry.py        the table of methods (PeftMethod): what apply_peft, save/load, the CLI and the tools read
     peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
     api.py             apply_peft, merge_lora
     save_load.py       save_adapter, load_adapter (adapter folders with a base fingerprint)
@@ -23,14 +24,16 @@ from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
 from .peft_model import PeftModel, TrainableReport
 from .prefix import PrefixKV
-from .registry import METHODS, Flag, PeftMethod, get_method, register, unregister
+from .registry import (METHODS, Flag, LearningRates, PeftMethod, closed_form_trainable, default_learning_rate,
+                       get_method, register, unregister)
 from .save_load import load_adapter, save_adapter
 from .soft_prompt import SoftPrompt
 
 PEFT_CONFIGS = peft_configs()     # method name -> config class of the built-in methods (see registry.METHODS)
 
 __all__ = [
-    "PEFT_CONFIGS", "METHODS", "PeftMethod", "Flag", "register", "unregister", "get_method",
+    "PEFT_CONFIGS", "METHODS", "PeftMethod", "Flag", "LearningRates", "register", "unregister", "get_method",
+    "closed_form_trainable", "default_learning_rate",
     "FullConfig", "LoRAConfig", "PromptConfig", "PrefixConfig", "AdapterConfig", "LlamaAdapterConfig",
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",

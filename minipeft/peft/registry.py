@@ -12,9 +12,24 @@ A method is (see PeftMethod):
                     needs no tokenizer for its init then; a prefix is saved folded, so it is built without MLP)
     flags           the command-line flags of its hyper-parameters: Flag("--lora-rank", "rank", ...)
     trains_base     True only for full fine-tuning: every base parameter trains
+and, optional, what the tools know of it (a method without them still trains; the tools then ask for what they
+would have read, e.g. "--lr: method 'x' has no default learning rate ...; give --lr"):
+    title           its name in tables and plots ("LoRA"); default: the name
+    learning_rates  LearningRates(real_base=, tiny_base=, comparison=): tuned default peak rates, each for what
+                    it was tuned on (learning_rates.py holds the built-in numbers and says what each is for)
+    sweep_grid      the rates tools/compare_methods.py --sweep tries
+    reference_7b    model_cfg -> the method's config at 7B scale (the comparison's computed 7B tables)
+    closed_form     (model_cfg, config) -> trainable parameters from a formula (an independent check of the
+                    count apply_peft gives; memory.py holds the formulas)
+
+The config contract, checked by register(): a dataclass whose class attribute `method` is the name; its
+fields take plain JSON values (they are saved in adapter_config.json and the resume identity). An optional
+field `extra_trainable` (a tuple of EXTRA_TRAINABLE_MODULES) trains whole base modules beside the method
+(--trainable-embeddings); a config without it cannot take that flag.
 
 Adding a method: write its file (config dataclass, modules with adapter_params(), install) and
-`register(PeftMethod(...))` it, here for the built-in ones or from your own code.
+`register(PeftMethod(...))` it, here for the built-in ones or from your own code; a module outside the package
+reaches the tools with --plugin MODULE or MINIPEFT_PLUGINS (minipeft/plugins.py).
 """
 
 from __future__ import annotations
@@ -23,9 +38,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
+from .. import memory
 from . import adapter, llama_adapter, lora, prefix, soft_prompt
-from .config import (GATE_KINDS, PROMPT_INITS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
+from .config import (FAMILY_DEFAULT_LORA_TARGETS, GATE_KINDS, PROMPT_INITS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
                      PeftConfigError, PrefixConfig, PromptConfig)
+from .learning_rates import REAL_BASE_LR, SWEEP_GRID, TINY_COMPARISON_LR, TINY_MODEL_LR
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,18 @@ def _same_config(config):
 
 
 @dataclass(frozen=True)
+class LearningRates:
+    """A method's default peak learning rates, one per kind of run (None: not tuned for it, give --lr)."""
+    real_base: Optional[float] = None       # a real 7B base (finetune.py --model ...)
+    tiny_base: Optional[float] = None       # the shipped tiny base, the main job's budget (finetune.py alone)
+    comparison: Optional[float] = None      # the shipped tiny bases, compare_methods.py's default budget
+
+
+RATE_KINDS = {"real_base": "a real base", "tiny_base": "the shipped tiny base",
+              "comparison": "compare_methods.py's budget"}
+
+
+@dataclass(frozen=True)
 class PeftMethod:
     name: str
     config_class: type
@@ -54,19 +83,70 @@ class PeftMethod:
     loading_config: Callable = _same_config
     flags: Tuple[Flag, ...] = field(default_factory=tuple)
     trains_base: bool = False
+    title: Optional[str] = None
+    learning_rates: LearningRates = LearningRates()
+    sweep_grid: Tuple[float, ...] = ()
+    reference_7b: Optional[Callable] = None                 # model_cfg -> config
+    closed_form: Optional[Callable] = None                  # (model_cfg, config) -> int
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name
+
+    def learning_rate(self, kind: str, flag: str = "--lr") -> float:
+        """The tuned default rate for `kind` (a RATE_KINDS key); PeftConfigError naming `flag` if there is none."""
+        rate = getattr(self.learning_rates, kind)
+        if rate is None:
+            raise PeftConfigError(f"{flag}: method {self.name!r} has no default learning rate for "
+                                  f"{RATE_KINDS[kind]}; give {flag}")
+        return rate
 
 
 METHODS: Dict[str, PeftMethod] = {}
 
 
+def check_config_contract(method: PeftMethod) -> None:
+    """What register() asks of a method's config class (the module docstring); PeftConfigError saying what is
+    missing."""
+    cls, name = method.config_class, method.name
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise PeftConfigError(f"register({name!r}): config_class must be a dataclass, got {cls!r}")
+    if getattr(cls, "method", None) != name:
+        raise PeftConfigError(f"register({name!r}): {cls.__name__} needs the class attribute method = {name!r} "
+                              f"(it has {getattr(cls, 'method', None)!r})")
+    try:
+        cls()
+    except TypeError as err:
+        raise PeftConfigError(f"register({name!r}): {cls.__name__}() must work with no arguments (every field "
+                              f"needs a default: the method's defaults): {err}") from None
+    if not callable(method.install):
+        raise PeftConfigError(f"register({name!r}): install must be a function install(model, config, **_) -> dict")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = [flag.field for flag in method.flags if flag.field not in fields]
+    if unknown:
+        raise PeftConfigError(f"register({name!r}): flags set fields {unknown} that {cls.__name__} does not have")
+
+
 def register(method: PeftMethod) -> PeftMethod:
-    """Add a method to the table (its name must be new and equal to its config's `method`)."""
+    """Add a method to the table (its name must be new; its config must keep the contract above)."""
     if method.name in METHODS:
         raise PeftConfigError(f"a PEFT method named {method.name!r} is already registered")
-    if getattr(method.config_class, "method", None) != method.name:
-        raise PeftConfigError(f"{method.config_class.__name__}.method must be {method.name!r} to register it")
+    check_config_contract(method)
     METHODS[method.name] = method
     return method
+
+
+def closed_form_trainable(model_cfg, config) -> int:
+    """The method's trainable-parameter count of `config` on `model_cfg` from its formula (memory.py)."""
+    method = method_of(config)
+    if method.closed_form is None:
+        raise PeftConfigError(f"method {method.name!r} has no closed form for its trainable parameters")
+    return method.closed_form(model_cfg, config)
+
+
+def default_learning_rate(name: str, kind: str, flag: str = "--lr") -> float:
+    """The tuned default rate of method `name` for `kind` (RATE_KINDS); PeftConfigError naming `flag` if none."""
+    return get_method(name, source="--method").learning_rate(kind, flag)
 
 
 def unregister(name: str) -> None:
@@ -102,8 +182,22 @@ def _install_nothing(model, config, **_) -> dict:
     return {}
 
 
-register(PeftMethod("full", FullConfig, _install_nothing, trains_base=True))
-register(PeftMethod("lora", LoRAConfig, lora.install, flags=(
+def _rates(name: str) -> LearningRates:
+    return LearningRates(real_base=REAL_BASE_LR[name], tiny_base=TINY_MODEL_LR[name], comparison=TINY_COMPARISON_LR[name])
+
+
+# The usual settings at 7B (lesson 07, the comparison's computed tables): LoRA r 8 on q, v (the family's fused
+# wqkv where it has one), 20 prompt / 10 prefix tokens, bottleneck 64, LLaMA-Adapter on the top 30 layers.
+def _lora_7b(cfg) -> LoRAConfig:
+    return LoRAConfig(rank=8, alpha=16, targets=FAMILY_DEFAULT_LORA_TARGETS.get(cfg.family, ("wq", "wv")))
+
+
+register(PeftMethod("full", FullConfig, _install_nothing, trains_base=True, title="full fine-tuning",
+                    learning_rates=_rates("full"), sweep_grid=SWEEP_GRID["full"], reference_7b=lambda cfg: FullConfig(),
+                    closed_form=lambda cfg, c: memory.full_trainable(cfg)))
+register(PeftMethod("lora", LoRAConfig, lora.install, title="LoRA", learning_rates=_rates("lora"),
+                    sweep_grid=SWEEP_GRID["lora"], reference_7b=_lora_7b,
+                    closed_form=lambda cfg, c: memory.lora_trainable(cfg, c.rank, c.targets), flags=(
     Flag("--lora-rank", "rank", "LoRA rank r", int),
     Flag("--lora-alpha", "alpha", "LoRA scale numerator (scale = alpha / r)", float),
     Flag("--lora-dropout", "dropout", "dropout on the LoRA branch input", float),
@@ -111,21 +205,34 @@ register(PeftMethod("lora", LoRAConfig, lora.install, flags=(
          "where the family fuses them)", _targets),
 )))
 register(PeftMethod("prompt", PromptConfig, soft_prompt.install,
-                    loading_config=lambda c: dataclasses.replace(c, init="random", init_text=None), flags=(
+                    loading_config=lambda c: dataclasses.replace(c, init="random", init_text=None),
+                    title="prompt tuning", learning_rates=_rates("prompt"), sweep_grid=SWEEP_GRID["prompt"],
+                    reference_7b=lambda cfg: PromptConfig(prompt_len=20, init="random"),
+                    closed_form=lambda cfg, c: memory.prompt_trainable(cfg, c.prompt_len), flags=(
     Flag("--prompt-len", "prompt_len", "soft prompt length P", int),
     Flag("--prompt-init", "init", "soft prompt init", str, choices=PROMPT_INITS),
     Flag("--prompt-init-text", "init_text", "text whose token embeddings start the soft prompt (--prompt-init text)"),
 )))
 register(PeftMethod("prefix", PrefixConfig, prefix.install,
-                    loading_config=lambda c: dataclasses.replace(c, reparam_hidden=None), flags=(
+                    loading_config=lambda c: dataclasses.replace(c, reparam_hidden=None),
+                    title="prefix tuning", learning_rates=_rates("prefix"), sweep_grid=SWEEP_GRID["prefix"],
+                    reference_7b=lambda cfg: PrefixConfig(prefix_len=10, reparam_hidden=512),
+                    closed_form=lambda cfg, c: memory.prefix_trainable(cfg, c.prefix_len, c.reparam_hidden), flags=(
     Flag("--prefix-len", "prefix_len", "prefix length P per layer", int),
     Flag("--prefix-hidden", "reparam_hidden", "width of the prefix reparameterisation MLP (0: train the prefix "
          "directly)", _hidden_or_none),
 )))
-register(PeftMethod("adapter", AdapterConfig, adapter.install, flags=(
+register(PeftMethod("adapter", AdapterConfig, adapter.install, title="adapter (Houlsby)",
+                    learning_rates=_rates("adapter"), sweep_grid=SWEEP_GRID["adapter"],
+                    reference_7b=lambda cfg: AdapterConfig(bottleneck=64),
+                    closed_form=lambda cfg, c: memory.adapter_trainable(cfg, c.bottleneck), flags=(
     Flag("--adapter-bottleneck", "bottleneck", "Houlsby adapter bottleneck m", int),
 )))
-register(PeftMethod("llama_adapter", LlamaAdapterConfig, llama_adapter.install, flags=(
+register(PeftMethod("llama_adapter", LlamaAdapterConfig, llama_adapter.install, title="LLaMA-Adapter",
+                    learning_rates=_rates("llama_adapter"), sweep_grid=SWEEP_GRID["llama_adapter"],
+                    reference_7b=lambda cfg: LlamaAdapterConfig(prompt_len=10, adapter_layers=min(30, cfg.n_layers)),
+                    closed_form=lambda cfg, c: memory.llama_adapter_trainable(
+                        cfg, c.prompt_len, c.adapter_layers or min(30, cfg.n_layers)), flags=(
     Flag("--llama-adapter-len", "prompt_len", "LLaMA-Adapter prompt length K", int),
     Flag("--llama-adapter-layers", "adapter_layers", "top layers L that get the adapter prompt (default: "
          "min(30, n_layers))", int),

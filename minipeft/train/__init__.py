@@ -8,7 +8,6 @@
 Read it in this order:
     loop.py             the loop a learner reads top to bottom: Trainer, lr_factor (no DeepSpeed in it)
     config.py           TrainConfig (holds the method's PEFT config), its checks, the base dtype
-    learning_rates.py   default learning rates per method, each table saying what it was tuned for
     data_setup.py       the run's data: files read, encoded, split, reported
     evaluate.py         batch loss, validation loss, exact match; the autocast context
     checkpoints.py      resumable checkpoints of the plain loop; the run identity a resume must match
@@ -27,7 +26,7 @@ from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned, zero3_dtype
 from .deepspeed_config import fill_deepspeed_schedule, load_deepspeed_config, resolve_deepspeed_config
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
-from .learning_rates import REAL_BASE_LR, TINY_COMPARISON_LR, TINY_MODEL_LR
+from ..peft.learning_rates import REAL_BASE_LR, TINY_COMPARISON_LR, TINY_MODEL_LR
 from .loop import Trainer, default_run_dir, lr_factor
 from .prepare import build_trainer, prepare_run
 

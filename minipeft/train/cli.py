@@ -12,7 +12,6 @@ import dataclasses
 
 from ..peft import METHODS, PeftConfigError
 from .config import BASE_DTYPES, RUN_DEFAULTS, TrainConfig, TrainError
-from .learning_rates import REAL_BASE_LR, TINY_MODEL_LR
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,8 +66,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    "to match (trainable parameters stay float32)")
     _add_method_flags(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default per method: {REAL_BASE_LR}; with the "
-                   f"shipped tiny model: {TINY_MODEL_LR})")
+    real = {m.name: m.learning_rates.real_base for m in METHODS.values()}
+    tiny = {m.name: m.learning_rates.tiny_base for m in METHODS.values()}
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default per method: {real}; with the "
+                   f"shipped tiny model: {tiny})")
     g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {RUN_DEFAULTS['weight_decay']})")
     g.add_argument("--batch-size", type=int, help=f"micro-batch size per device (default {RUN_DEFAULTS['batch_size']})")
     g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {RUN_DEFAULTS['grad_accum']})")

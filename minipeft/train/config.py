@@ -16,8 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..peft import METHODS, get_method
-from .learning_rates import REAL_BASE_LR
+from ..peft import METHODS, PeftConfigError, get_method
 
 # Values that a DeepSpeed config may fix; None in TrainConfig means "not given on the command line".
 RUN_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "fp32"}
@@ -96,9 +95,10 @@ class TrainConfig:
         if self.peft is None:
             values["peft"] = self.peft_config
         if self.lr is None:
-            if self.method not in REAL_BASE_LR:
-                raise TrainError(f"--lr: method {self.method!r} has no default learning rate; give --lr")
-            values["lr"] = REAL_BASE_LR[self.method]
+            try:
+                values["lr"] = get_method(self.method, "--method").learning_rate("real_base")
+            except PeftConfigError as err:
+                raise TrainError(str(err)) from None
         return dataclasses.replace(self, **values)
 
 

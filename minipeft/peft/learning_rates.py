@@ -1,6 +1,7 @@
-"""Default peak learning rates per method: the one home of these tables, read by tools/finetune.py (through
-TrainConfig.filled) and tools/compare_methods.py. Each says which base and budget it was tuned for; methods
-that train few parameters need larger rates.
+"""The tuned default peak learning rates of the built-in methods, and the comparison's sweep grid: the one home
+of these numbers. Each table says which base and budget it was tuned for; methods that train few parameters
+need larger rates. The registry entries (registry.py) carry them as `LearningRates`; the tools read them from
+there, so a method registered from outside the package brings its own (or is asked for --lr).
 """
 
 # A real LLaMA base (7B), the usual values in the literature: Alpaca's 2e-5 for full fine-tuning,
@@ -20,3 +21,9 @@ TINY_MODEL_LR = {"full": 1e-3, "lora": 6e-3, "prompt": 1e-1, "prefix": 3e-3, "ad
 # the main job's because the budget does: over one short epoch a larger rate wins.
 TINY_COMPARISON_LR = {"full": 1e-3, "lora": 1e-2, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
                       "llama_adapter": 0.27}
+
+# tools/compare_methods.py --sweep: three rates per method, a factor ~3 apart, centred on the usual ratio between
+# methods: full fine-tuning lowest; LoRA and adapters ~3x higher; LLaMA-Adapter, prefix and prompt tuning 10-100x
+# higher. (TINY_COMPARISON_LR above is what this grid chose, extended past its edge where needed.)
+SWEEP_GRID = {"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "llama_adapter": (3e-3, 1e-2, 3e-2),
+              "prompt": (3e-2, 1e-1, 3e-1), "prefix": (3e-3, 1e-2, 3e-2), "adapter": (1e-3, 3e-3, 1e-2)}
