@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, append_kv, cache_length
 
 
@@ -200,3 +200,12 @@ class Bloom(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """BLOOM's own checks of a ModelConfig (its family record hands this to ModelConfig.__post_init__): plain
+    multi-head attention (the fused wqkv holds H keys and values), and the MLP width 4 d unless given."""
+    if cfg.n_kv_heads != cfg.n_heads:
+        raise ConfigError(f"n_kv_heads ({cfg.n_kv_heads}) must equal n_heads ({cfg.n_heads}) for BLOOM")
+    if cfg.ffn_hidden_dim is None:
+        cfg.ffn_hidden_dim = 4 * cfg.dim

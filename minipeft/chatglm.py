@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, append_kv, cache_length
 
 GLM_ALPHA = (2 * 28) ** 0.5            # see the module docstring: the original's alpha for any layer count
@@ -306,3 +306,14 @@ class ChatGLM(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """ChatGLM-6B's own checks of a ModelConfig (its family record hands this to ModelConfig.__post_init__):
+    plain multi-head attention, and a head that the 2D rotary splits into two halves of adjacent pairs."""
+    if cfg.n_kv_heads != cfg.n_heads:
+        raise ConfigError(f"ChatGLM-6B has plain multi-head attention: n_kv_heads {cfg.n_kv_heads} != n_heads {cfg.n_heads}")
+    if cfg.head_dim % 4 != 0:
+        raise ConfigError(f"ChatGLM-6B's 2D rotary needs head_dim divisible by 4, got {cfg.head_dim}")
+    if cfg.rotary_fraction != 1.0:
+        raise ConfigError(f"rotary_fraction {cfg.rotary_fraction}: ChatGLM-6B's 2D rotary turns the whole head (1.0)")

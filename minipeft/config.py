@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .family_registry import FamilyError, get_family
 from .fileio import read_json
 
 
@@ -27,14 +28,12 @@ class ConfigError(ValueError):
     """A config file or preset that cannot describe a model; the message names the file and key."""
 
 
-# The decoder families; `build_model` (families.py) maps each to its class.
-FAMILIES = ("llama", "chatglm2", "chatglm", "bloom")
 
 
 @dataclass
 class ModelConfig:
     family: str = "llama"                # which decoder: "llama" / "chatglm2" (model.py), "chatglm" (chatglm.py),
-                                         # "bloom" (bloom.py); see FAMILIES
+                                         # "bloom" (bloom.py): a registered Family (families.py)
     dim: int = 4096                      # model width d
     n_layers: int = 32
     n_heads: int = 32
@@ -42,7 +41,7 @@ class ModelConfig:
     vocab_size: int = 32000
     multiple_of: int = 256               # Meta's rounding for the FFN hidden size
     ffn_dim_multiplier: Optional[float] = None
-    ffn_hidden_dim: Optional[int] = None  # filled from Meta's rule when None (BLOOM: 4 * dim)
+    ffn_hidden_dim: Optional[int] = None  # filled from Meta's rule when None (BLOOM's check_config: 4 * dim)
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -54,25 +53,19 @@ class ModelConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        if self.family not in FAMILIES:
-            raise ConfigError(f"family {self.family!r}: expected one of {', '.join(FAMILIES)}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.family == "bloom" and self.n_kv_heads != self.n_heads:
-            raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must equal n_heads ({self.n_heads}) for BLOOM")
         if self.dim % self.n_heads != 0:
             raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.family != "bloom" and self.head_dim % 2 != 0:       # BLOOM has no rotary embedding
-            raise ConfigError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
-        if self.family != "bloom" and (self.rotary_fraction not in (0.5, 1.0) or self.rotary_dim % 2 != 0):
-            raise ConfigError(f"rotary_fraction {self.rotary_fraction}: expected 1.0 (LLaMA) or 0.5 (ChatGLM2), "
-                              f"with an even number of rotated dims (head_dim {self.head_dim})")
         if self.vocab_size <= 0:
             raise ConfigError(f"vocab_size must be positive, got {self.vocab_size}")
-        if self.ffn_hidden_dim is None and self.family == "bloom":
-            self.ffn_hidden_dim = 4 * self.dim
+        try:
+            family = get_family(self.family)
+        except FamilyError as err:
+            raise ConfigError(str(err)) from None
+        family.check_config(self)          # the decoder's own fields (RoPE's even head_dim, BLOOM's MHA, ...)
         if self.ffn_hidden_dim is None:
             self.ffn_hidden_dim = meta_ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 

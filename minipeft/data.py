@@ -3,20 +3,8 @@
 A record is a JSON object with `instruction`, an optional `input` and `output` (the Alpaca format). The
 file is either one JSON list of records or JSON Lines (one record per line).
 
-Template (Stanford Alpaca), with input:
-
-    Below is an instruction that describes a task, paired with an input that provides further context.
-    Write a response that appropriately completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n
-    ### Input:\\n{input}\\n\\n### Response:\\n
-
-and without input the ", paired with ..." clause and the "### Input" section are left out.
-
-Each family renders records into its own chat format (`PROMPT_FORMATS`, chosen by `tokenizer.family`):
-
-    llama     the Alpaca template above, [BOS] in front, the response ends with EOS
-    chatglm   "[Round 0]\n问：{instruction}\n答：" (an input goes on its own line after the instruction), then
-              [gMASK] <sop>; the response ends with <eop> (ChatGLM-6B's tokenizer puts the marks there)
-    chatglm2  "[Round 1]\n\n问：{instruction}\n\n答：", with [gMASK] sop in *front*; the response ends with </s>
+Each family renders records into its own prompt format (prompts.py: Alpaca for LLaMA and BLOOM, ChatGLM's
+"[Round 0]\n问：...答：" forms), chosen by `tokenizer.family` through the family's record.
 
 One example (T = P + R tokens; for LLaMA, the ChatGLMs put their marks where the tokenizer says):
 
@@ -53,49 +41,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .loss import IGNORE_INDEX, causal_lm_loss  # noqa: F401  (causal_lm_loss: its old home, kept importable)
-
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-RESPONSE_MARKER = "### Response:\n"
-
+from .prompts import PromptFormat, format_prompt, prompt_format_of  # noqa: F401  (the formats: prompts.py)
 
 class DataError(ValueError):
     """A data file or record that cannot be used; the message names the file, record index and field."""
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """One family's chat format: the prompt text with and without an input, and the marker it ends with."""
-    with_input: str
-    no_input: str
-    response_marker: str
-
-    def render(self, instruction: str, input: str = "") -> str:
-        if input:
-            return self.with_input.format(instruction=instruction, input=input)
-        return self.no_input.format(instruction=instruction)
-
-
-PROMPT_FORMATS: Dict[str, PromptFormat] = {
-    "llama": PromptFormat(PROMPT_WITH_INPUT, PROMPT_NO_INPUT, RESPONSE_MARKER),
-    "bloom": PromptFormat(PROMPT_WITH_INPUT, PROMPT_NO_INPUT, RESPONSE_MARKER),     # Alpaca, as for LLaMA
-    "chatglm": PromptFormat("[Round 0]\n问：{instruction}\n{input}\n答：", "[Round 0]\n问：{instruction}\n答：", "答："),
-    "chatglm2": PromptFormat("[Round 1]\n\n问：{instruction}\n{input}\n\n答：", "[Round 1]\n\n问：{instruction}\n\n答：",
-                             "答："),
-}
-
-
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for one record (the response follows it directly); other families: PROMPT_FORMATS."""
-    return PROMPT_FORMATS["llama"].render(instruction, input)
 
 
 # ---- reading records ----------------------------------------------------------------------------
@@ -103,7 +52,7 @@ def format_prompt(instruction: str, input: str = "") -> str:
 class Record:
     instruction: str
     output: str
-    input: str = ""      # (the prompt text depends on the family: PROMPT_FORMATS[family].render(instruction, input))
+    input: str = ""      # (the prompt text depends on the family: prompt_format.render(instruction, input))
 
 
 @dataclass
@@ -243,10 +192,12 @@ class AlpacaEncoder:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.train_on_prompt = train_on_prompt
-        family = getattr(tokenizer, "family", "llama")
-        if prompt_format is None and family not in PROMPT_FORMATS:
-            raise DataError(f"no prompt format for tokenizer family {family!r}; expected one of {sorted(PROMPT_FORMATS)}")
-        self.format = prompt_format or PROMPT_FORMATS[family]
+        if prompt_format is None:
+            try:
+                prompt_format = prompt_format_of(tokenizer)
+            except ValueError as err:                                 # FamilyError: no such family
+                raise DataError(f"no prompt format: {err}") from None
+        self.format = prompt_format
         # Where the tokenizer puts a prompt's marks: `lead` ids in front (LLaMA's BOS), `trail` behind
         # (ChatGLM-6B's [gMASK] <sop>).
         plain, marked = tokenizer.encode("x", bos=False), tokenizer.encode("x", bos=True)

@@ -1,58 +1,52 @@
-"""Model families: which decoder class a ModelConfig builds.
+"""The four built-in model families, one record each (family_registry.py says what a record holds).
 
     model = build_model(ModelConfig.from_name("tiny"))        # the class of cfg.family, randomly initialised
     with torch.device("meta"): model = build_model(cfg)       # shapes only, no memory (load_model does this)
 
 Every family's model has the same forward signature as model.Transformer (tokens or input_embeds,
-past_key_values, start_pos, position_ids, attention_mask, use_cache), the same cache layout per layer ((k, v),
-each (B, G, S, hd)), `config`, `gradient_checkpointing`, and blocks under `layers.{i}` whose `attention`
-exposes `project` / `attend`, so every PEFT method, `generate` and the trainer work on all of them. A family that
-does not number tokens 0, 1, ... adds `prompt_position_ids` / `next_position_ids` (generate.py) and says where
-PEFT's virtual tokens sit (`cache_prefix_shifts_positions`, `front_position_ids`, `shift_position_ids`: see
-peft/peft_model.py; ChatGLM-6B in chatglm.py).
-Adding a family = its model file + one entry in FAMILY_CLASSES (+ its name in config.FAMILIES).
+past_key_values, start_pos, position_ids, attention_mask, use_cache, return_hidden), the same cache layout per
+layer ((k, v), each (B, G, S, hd)), `config`, `gradient_checkpointing`, `head(h)`, and blocks under `layers.{i}`
+whose `attention` exposes the attention seam `project` / `attend`, so every PEFT method, `generate` and the
+trainer work on all of them. A family that does not number tokens 0, 1, ... adds `prompt_position_ids` /
+`next_position_ids` (generate.py) and says where PEFT's virtual tokens sit (`cache_prefix_shifts_positions`,
+`front_position_ids`, `shift_position_ids`: see peft/peft_model.py; ChatGLM-6B in chatglm.py).
+
+Adding a family = its decoder file + one `register_family(Family(...))`, here or from your own code (a plugin:
+minipeft/plugins.py); tests/test_custom_family.py adds one from a test file alone.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from . import bloom, chatglm, memory, model
+from .checkpoint.hf_bloom import bloom_module_to_hf
+from .checkpoint.hf_llama import lora_b_to_hf, ours_module_to_hf
+from .checkpoint.readers import HF_BLOOM, HF_CHATGLM, HF_LLAMA
+from .family_registry import (FAMILIES, Family, FamilyError, FamilyFormulas, HFNames, build_model,  # noqa: F401
+                              decoder_classes, family_of_tokenizer, get_family, hf_readers, is_decoder,
+                              register_family, tokenizer_for, unregister_family)
+from .prompts import ALPACA, CHATGLM2_6B, CHATGLM_6B
+from .tokenizer import ByteLevelBPETokenizer, Tokenizer
+from .tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
 
-import torch.nn as nn
+ROPE_SWIGLU = FamilyFormulas(linear_shapes=memory.separate_qkv_linear_shapes, gated_mlp=True,
+                             position_bytes_per_token=memory.rope_bytes_per_token,
+                             parameter_count=memory.llama_parameter_count)
 
-from .config import ModelConfig
-from .bloom import Bloom
-from .chatglm import ChatGLM
-from .model import Transformer
-
-FAMILY_CLASSES: Dict[str, type] = {
-    "llama": Transformer,
-    "chatglm2": Transformer,     # model.py with cfg.qkv_bias and cfg.rotary_fraction 0.5
-    "chatglm": ChatGLM,
-    "bloom": Bloom,
-}
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The decoder of cfg.family, built from cfg (on the current default device)."""
-    return FAMILY_CLASSES[cfg.family](cfg)
-
-
-def decoder_classes() -> Tuple[type, ...]:
-    """The classes a model built by build_model can have (for isinstance checks)."""
-    return tuple(dict.fromkeys(FAMILY_CLASSES.values()))
-
-
-def is_decoder(model) -> bool:
-    return isinstance(model, decoder_classes())
-
-
-def tokenizer_for(family: str, model_path):
-    """The tokenizer of a model family ("llama", "chatglm", "chatglm2" on its SentencePiece file; "bloom" on
-    its tokenizer.json)."""
-    from .tokenizer import ByteLevelBPETokenizer, Tokenizer, TokenizerError
-    from .tokenizer_chatglm import ChatGLM2Tokenizer, ChatGLMTokenizer
-    classes = {"llama": Tokenizer, "chatglm": ChatGLMTokenizer, "chatglm2": ChatGLM2Tokenizer,
-               "bloom": ByteLevelBPETokenizer}
-    if family not in classes:
-        raise TokenizerError(f"no tokenizer for family {family!r}; expected one of {sorted(classes)}")
-    return classes[family](model_path)
+register_family(Family(
+    "llama", model.Transformer, Tokenizer, ALPACA, check_config=model.check_config,
+    hf=HF_LLAMA, hf_names=HFNames(ours_module_to_hf, lora_b_to_hf), formulas=ROPE_SWIGLU))
+register_family(Family(          # ChatGLM2-6B: model.py with cfg.qkv_bias and cfg.rotary_fraction 0.5
+    "chatglm2", model.Transformer, ChatGLM2Tokenizer, CHATGLM2_6B, check_config=model.check_config,
+    tokenizer_may_be_smaller=True, hf=HF_CHATGLM, formulas=ROPE_SWIGLU))
+register_family(Family(
+    "chatglm", chatglm.ChatGLM, ChatGLMTokenizer, CHATGLM_6B, check_config=chatglm.check_config,
+    default_lora_targets=("wqkv",), tokenizer_may_be_smaller=True, hf=HF_CHATGLM,
+    formulas=FamilyFormulas(linear_shapes=memory.fused_qkv_linear_shapes, gated_mlp=False,
+                            position_bytes_per_token=memory.rope_bytes_per_token)))   # Psi: counted on meta
+register_family(Family(
+    "bloom", bloom.Bloom, ByteLevelBPETokenizer, ALPACA, check_config=bloom.check_config,
+    default_lora_targets=("wqkv",), tokenizer_may_be_smaller=True, hf=HF_BLOOM,
+    hf_names=HFNames(bloom_module_to_hf),
+    formulas=FamilyFormulas(linear_shapes=memory.fused_qkv_linear_shapes, gated_mlp=False,
+                            position_bytes_per_token=memory.alibi_bytes_per_token,
+                            parameter_count=memory.bloom_parameter_count)))

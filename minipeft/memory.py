@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .family_registry import build_model, get_family
 
 WEIGHT_16 = 2    # bytes: the bf16/fp16 copy of every parameter, used in forward and backward
 GRAD_16 = 2      # bytes: the 16-bit gradient of a trainable parameter
@@ -107,22 +108,31 @@ def deepspeed_cold_estimate(total_params: int, largest_layer_params: int, gpus_p
 
 
 def parameter_count(cfg: ModelConfig) -> dict:
-    """Psi from the formulas above, by part: {"embedding", "output", "blocks", "norms", "total"} (the
+    """Psi from the family's formula (below), by part: {"embedding", "output", "blocks", "norms", "total"} (the
     embedding LayerNorm and the final norm are in "norms"; BLOOM's tied output counts 0)."""
-    d, f, V, L, H, hd, kv = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.kv_dim
-    if cfg.family in ("llama", "chatglm2"):
-        qkv_bias = (H * hd + 2 * kv) if cfg.qkv_bias else 0                      # ChatGLM2's q, k, v biases
-        parts = {"embedding": V * d, "output": V * d, "norms": d,
-                 "blocks": L * (2 * d * H * hd + 2 * d * kv + qkv_bias + 3 * d * f + 2 * d)}
-    elif cfg.family == "bloom":
-        attention = (3 * d * d + 3 * d) + (d * d + d)                 # wqkv, wo (with biases)
-        feed_forward = (d * f + f) + (f * d + d)                      # w1, w2 (with biases)
-        parts = {"embedding": V * d, "output": 0, "norms": 2 * d + 2 * d,
-                 "blocks": L * (attention + feed_forward + 2 * 2 * d)}    # two LayerNorms of 2 d per block
-    else:
+    formulas = get_family(cfg.family).formulas
+    if formulas is None or formulas.parameter_count is None:
         raise ValueError(f"parameter_count has no formula for family {cfg.family!r}")
+    parts = dict(formulas.parameter_count(cfg))
     parts["total"] = sum(parts.values())
     return parts
+
+
+def llama_parameter_count(cfg: ModelConfig) -> dict:
+    """LLaMA (and ChatGLM2, with its q, k, v biases): untied embedding and output, RMSNorms of d."""
+    d, f, V, L, H, hd, kv = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.kv_dim
+    qkv_bias = (H * hd + 2 * kv) if cfg.qkv_bias else 0                          # ChatGLM2's q, k, v biases
+    return {"embedding": V * d, "output": V * d, "norms": d,
+            "blocks": L * (2 * d * H * hd + 2 * d * kv + qkv_bias + 3 * d * f + 2 * d)}
+
+
+def bloom_parameter_count(cfg: ModelConfig) -> dict:
+    """BLOOM: the embedding (also the tied output), its LayerNorm, biases everywhere, LayerNorms of 2 d."""
+    d, f, V, L = cfg.dim, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.n_layers
+    attention = (3 * d * d + 3 * d) + (d * d + d)                 # wqkv, wo (with biases)
+    feed_forward = (d * f + f) + (f * d + d)                      # w1, w2 (with biases)
+    return {"embedding": V * d, "output": 0, "norms": 2 * d + 2 * d,
+            "blocks": L * (attention + feed_forward + 2 * 2 * d)}    # two LayerNorms of 2 d per block
 
 
 def vocabulary_share(cfg: ModelConfig) -> float:
@@ -138,12 +148,24 @@ def logits_bytes_per_token(cfg: ModelConfig) -> int:
     return 6 * cfg.vocab_size
 
 
-# the Linear modules LoRA may target, per family: name -> (d_in, d_out)
+# the Linear modules LoRA may target: name -> (d_in, d_out), the family's formulas.linear_shapes
 def lora_target_shapes(cfg: ModelConfig) -> dict:
+    formulas = get_family(cfg.family).formulas
+    if formulas is None:
+        raise ValueError(f"family {cfg.family!r} has no closed forms (its record's formulas)")
+    return formulas.linear_shapes(cfg)
+
+
+def separate_qkv_linear_shapes(cfg: ModelConfig) -> dict:
+    """LLaMA's wq, wk, wv, wo and the SwiGLU MLP's w1, w2, w3."""
     d, f, kv, q = cfg.dim, cfg.ffn_hidden_dim, cfg.kv_dim, cfg.n_heads * cfg.head_dim
-    if cfg.family == "bloom":
-        return {"wqkv": (d, 3 * d), "wo": (d, d), "w1": (d, f), "w2": (f, d)}
     return {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w1": (d, f), "w2": (f, d), "w3": (d, f)}
+
+
+def fused_qkv_linear_shapes(cfg: ModelConfig) -> dict:
+    """A fused wqkv (BLOOM, ChatGLM-6B: plain multi-head attention), wo and a GELU MLP's w1, w2."""
+    d, f, q = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads * cfg.head_dim
+    return {"wqkv": (d, 3 * q), "wo": (q, d), "w1": (d, f), "w2": (f, d)}
 
 
 # ---- trainable parameters of each method (the PEFT registry's `closed_form` entries call these) ----------
@@ -151,9 +173,9 @@ def lora_target_shapes(cfg: ModelConfig) -> dict:
 def full_trainable(cfg: ModelConfig) -> int:
     """Full fine-tuning trains everything: Psi (parameter_count), or, for a family with no formula written,
     the count of a model built on the meta device."""
-    if cfg.family in ("llama", "chatglm2", "bloom"):
+    formulas = get_family(cfg.family).formulas
+    if formulas is not None and formulas.parameter_count is not None:
         return parameter_count(cfg)["total"]
-    from .families import build_model
     with torch.device("meta"):
         return build_model(cfg).num_parameters()
 
@@ -204,7 +226,7 @@ def block_activation_bytes_per_token(cfg: ModelConfig, trainable_weights: bool =
     A GELU MLP (BLOOM, ChatGLM-6B) has no W3: it keeps W1 x and W2's input gelu(W1 x) (4 f) when trainable,
     W1 x alone (2 f) when frozen. The norms are counted as RMSNorm's (a LayerNorm keeps 4 bytes more: the mean)."""
     d, f, H = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads
-    gated = cfg.family in ("llama", "chatglm2")              # SwiGLU: W2(silu(W1 x) * W3 x)
+    gated = get_family(cfg.family).formulas.gated_mlp           # SwiGLU: W2(silu(W1 x) * W3 x)
     if trainable_weights:
         return 26 * d + (8 if gated else 4) * f + 4 * H + 8
     return 16 * d + (6 if gated else 2) * f + 4 * H + 8
@@ -213,7 +235,15 @@ def block_activation_bytes_per_token(cfg: ModelConfig, trainable_weights: bool =
 def rope_table_bytes_per_token(cfg: ModelConfig) -> int:
     """cos and sin (fp32, hd/2 each), computed once and shared by all layers: 4 * hd bytes per token.
     BLOOM has no rotary table; its ALiBi bias (one 16-bit slope x distance per head and key) is 2 H per token."""
-    return 2 * cfg.n_heads if cfg.family == "bloom" else 4 * cfg.head_dim
+    return get_family(cfg.family).formulas.position_bytes_per_token(cfg)
+
+
+def rope_bytes_per_token(cfg: ModelConfig) -> int:
+    return 4 * cfg.head_dim
+
+
+def alibi_bytes_per_token(cfg: ModelConfig) -> int:
+    return 2 * cfg.n_heads
 
 
 def head_bytes_per_token(cfg: ModelConfig) -> int:

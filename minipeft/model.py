@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, append_kv, cache_length
 
 
@@ -229,3 +229,13 @@ class Transformer(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_config(cfg: ModelConfig) -> None:
+    """This decoder's own checks of a ModelConfig (LLaMA and ChatGLM2; the family record hands it to
+    ModelConfig.__post_init__): RoPE turns pairs, so head_dim and the rotated part must be even."""
+    if cfg.head_dim % 2 != 0:
+        raise ConfigError(f"head_dim ({cfg.head_dim}) must be even for rotary embeddings")
+    if cfg.rotary_fraction not in (0.5, 1.0) or cfg.rotary_dim % 2 != 0:
+        raise ConfigError(f"rotary_fraction {cfg.rotary_fraction}: expected 1.0 (LLaMA) or 0.5 (ChatGLM2), "
+                          f"with an even number of rotated dims (head_dim {cfg.head_dim})")

@@ -123,7 +123,7 @@ def test_folder_with_ice_text_converts_and_generates_through_the_tool(tmp_path, 
 
     import sentencepiece as spm
     from helpers_chatglm import train_chatglm_sentencepiece
-    from minipeft.data import PROMPT_FORMATS
+    from minipeft.families import get_family
     from minipeft.families import tokenizer_for
 
     sp_path = train_chatglm_sentencepiece(tmp_path / "sp", version=1)
@@ -139,7 +139,7 @@ def test_folder_with_ice_text_converts_and_generates_through_the_tool(tmp_path, 
 
     model = load_model(tmp_path / "ours")
     tok = tokenizer_for("chatglm", tmp_path / "ours" / "tokenizer.model")
-    prompt = tok.encode(PROMPT_FORMATS["chatglm"].render("你好"), bos=True)
+    prompt = tok.encode(get_family("chatglm").prompt_format.render("你好"), bos=True)
     assert prompt[-2:] == [ids["[gMASK]"], ids["<sop>"]]
     want = tok.decode(generate(model, [prompt], max_new_tokens=5, eos_id=tok.eos_id)[0])
 

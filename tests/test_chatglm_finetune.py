@@ -13,7 +13,8 @@ import torch
 
 from helpers_chatglm import chatglm_v1_folder, train_chatglm_sentencepiece
 from minipeft.checkpoint import load_model
-from minipeft.data import IGNORE_INDEX, PROMPT_FORMATS, AlpacaEncoder, read_records
+from minipeft.data import IGNORE_INDEX, AlpacaEncoder, read_records
+from minipeft.families import get_family
 from minipeft.families import tokenizer_for
 from minipeft.peft import load_adapter
 from minipeft.train import TrainConfig, evaluate_loss, prepare_run
@@ -49,7 +50,7 @@ def test_finetune_cli_trains_lora_on_a_chatglm_folder(tmp_path, capsys):
     _, _, _, tokenizer, data = prepare_run(TrainConfig(**common, out=str(tmp_path / "unused")))
     assert type(tokenizer).__name__ == "ChatGLMTokenizer"
     example = data.train[0]
-    prompt = tokenizer.encode(PROMPT_FORMATS["chatglm"].render(records(1)[0]["instruction"]), bos=True)
+    prompt = tokenizer.encode(get_family("chatglm").prompt_format.render(records(1)[0]["instruction"]), bos=True)
     assert prompt[-2:] == [ids["[gMASK]"], ids["<sop>"]]
     assert example.input_ids[:len(prompt)] == prompt and example.input_ids[-1] == ids["<eop>"]
     assert set(example.labels[:len(prompt)]) == {IGNORE_INDEX} and example.labels[-1] == ids["<eop>"]

@@ -18,11 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 import torch  # noqa: E402
 
 from minipeft.checkpoint import DTYPES, folder_tokenizer, load_model  # noqa: E402
-from minipeft.data import PROMPT_FORMATS  # noqa: E402
 from minipeft.generate import generate  # noqa: E402
 from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.families import tokenizer_for  # noqa: E402
-from minipeft.tokenizer import Tokenizer  # noqa: E402
+from minipeft.families import get_family, tokenizer_for  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,14 +49,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--device {args.device}: this machine has no CUDA device")
         model = load_model(args.checkpoint, dtype=DTYPES.get(args.dtype), device=args.device)
         family = model.config.family
-        tokenizer = Tokenizer(tokenizer_path) if family == "llama" else tokenizer_for(family, tokenizer_path)
+        tokenizer = tokenizer_for(family, tokenizer_path)
         if tokenizer.vocab_size > model.config.vocab_size:
             print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
                   f"{model.config.vocab_size}", file=sys.stderr)
             return 1
         if args.adapter:
             model = load_adapter(model, args.adapter).to(args.device).eval()
-        texts = [PROMPT_FORMATS[family].render(p) if args.alpaca else p for p in args.prompt]   # family's template
+        texts = [get_family(family).prompt_format.render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
         limit = model.config.max_seq_len
         for i, prompt in enumerate(prompts):

@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..config import ModelConfig
+from ..family_registry import build_model
 from ..fileio import read_json as _read_json_checked
 
 CONFIG_NAME = "config.json"
@@ -34,7 +35,6 @@ def read_json(path: Path) -> dict:
 
 def expected_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Every parameter name of build_model(cfg) -> its shape (built on the meta device: no memory)."""
-    from ..families import build_model
     with torch.device("meta"):
         model = build_model(cfg)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..family_registry import build_model, get_family
 from ..fileio import atomic_folder
 from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, CheckpointError, TensorChecker, check_tokenizer_fits,
                     tokenizer_file_name)
@@ -54,7 +55,8 @@ def write_model_files(model_or_state_dict, cfg: ModelConfig, folder: Path, token
 def _check_tokenizer_file(path: Path, cfg: ModelConfig) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer file not found")
-    check_tokenizer_fits(path, cfg.vocab_size, "the given ModelConfig", allow_extra_model_rows=cfg.family != "llama")
+    check_tokenizer_fits(path, cfg.vocab_size, "the given ModelConfig",
+                         allow_extra_model_rows=get_family(cfg.family).tokenizer_may_be_smaller)
 
 
 def iter_checkpoint_tensors(folder, dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -79,7 +81,6 @@ def load_model(folder, dtype: Optional[torch.dtype] = None, device="cpu"):
     The model is built on the meta device, so no memory is spent on a random init; each tensor is checked,
     converted to `dtype` (None keeps the stored dtype) and moved to `device` (iter_checkpoint_tensors), then
     attached with load_state_dict(assign=True): the weights exist once."""
-    from ..families import build_model
     cfg = open_checkpoint(folder).config()
     state = {key: tensor.to(device) for key, tensor in iter_checkpoint_tensors(folder, dtype)}
     with torch.device("meta"):

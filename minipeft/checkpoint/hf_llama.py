@@ -67,3 +67,13 @@ def hf_tensor_to_ours(hf_key: str, tensor: torch.Tensor, cfg: ModelConfig):
     elif key.endswith("attention.wk.weight"):
         tensor = unpermute_hf_rotary(tensor, cfg.n_kv_heads)
     return key, tensor
+
+
+def lora_b_to_hf(name: str, lora_B: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A LoRA B (d_out, r) in transformers' row order: Delta W_hf = Perm s B A = s (Perm B) A, so the rows of a
+    q / k projection's B are permuted like its weight (n_heads for q, n_kv_heads for k); A never is."""
+    if name.endswith("attention.wq"):
+        return permute_for_hf(lora_B, cfg.n_heads)
+    if name.endswith("attention.wk"):
+        return permute_for_hf(lora_B, cfg.n_kv_heads)
+    return lora_B

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..family_registry import get_family, hf_readers
 from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, check_tokenizer_fits,
                     expected_shapes, folder_tokenizer, iter_weight_files, read_json, tokenizer_vocab_size, torch_load,
                     weight_files)
@@ -80,7 +81,8 @@ class _OursReader(_Reader):
         except (ConfigError, TypeError) as e:
             raise CheckpointError(str(e)) from None
         # ChatGLM's embeddings have more rows than its SentencePiece model has pieces (padding, appended specials)
-        _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=cfg.family != "llama")
+        _check_tokenizer(self.folder, cfg, CONFIG_NAME,
+                         allow_extra_model_rows=get_family(cfg.family).tokenizer_may_be_smaller)
         return cfg
 
     def tensors(self, cfg):
@@ -98,7 +100,8 @@ def _llama_tensor_to_ours(hf_key: str, tensor: torch.Tensor, cfg: ModelConfig):
 
 @dataclass(frozen=True)
 class HFFamily:
-    """How to read the folders of one transformers `model_type`."""
+    """How to read the folders of one transformers `model_type` (a family record's `hf`)."""
+    model_type: str                                 # config.json's "model_type"
     config: Callable[[Path], ModelConfig]           # config.json path -> our ModelConfig (ConfigError if unfit)
     tensor_to_ours: Callable                        # (hf_key, tensor, cfg) -> (our_key, tensor) or a list of them
                                                     # (a fused tensor split), None to skip; KeyError for a key that
@@ -107,14 +110,12 @@ class HFFamily:
     tokenizer_file: Callable[[Path], Optional[Path]] = folder_tokenizer   # tokenizer.model, else tokenizer.json
 
 
-# transformers model_type -> how to read it. A new family adds one entry here (and its name table beside
-# hf_llama.py).
-HF_MODEL_TYPES: Dict[str, HFFamily] = {
-    "llama": HFFamily(ModelConfig.from_hf_config, _llama_tensor_to_ours, "a LLaMA parameter"),
-    "chatglm": HFFamily(chatglm_config, chatglm_tensor_to_ours, "a ChatGLM-6B / ChatGLM2-6B parameter",
-                        chatglm_tokenizer_file),
-    "bloom": HFFamily(bloom_config_from_hf, hf_bloom_tensor_to_ours, "a BLOOM parameter"),
-}
+# The readers of the built-in families (families.py puts each on its record; a new family brings its own and
+# its name table beside hf_llama.py).
+HF_LLAMA = HFFamily("llama", ModelConfig.from_hf_config, _llama_tensor_to_ours, "a LLaMA parameter")
+HF_CHATGLM = HFFamily("chatglm", chatglm_config, chatglm_tensor_to_ours, "a ChatGLM-6B / ChatGLM2-6B parameter",
+                      chatglm_tokenizer_file)
+HF_BLOOM = HFFamily("bloom", bloom_config_from_hf, hf_bloom_tensor_to_ours, "a BLOOM parameter")
 
 
 class _HFReader(_Reader):
@@ -123,10 +124,11 @@ class _HFReader(_Reader):
     @property
     def family(self) -> HFFamily:
         model_type = read_json(self.folder / CONFIG_NAME).get("model_type")
-        if model_type not in HF_MODEL_TYPES:
+        readers = hf_readers()
+        if model_type not in readers:
             raise CheckpointError(f"{self.folder / CONFIG_NAME}: model_type is {model_type!r}, expected one of "
-                                  f"{sorted(HF_MODEL_TYPES)}")
-        return HF_MODEL_TYPES[model_type]
+                                  f"{sorted(readers)}")
+        return readers[model_type]
 
     @property
     def tokenizer_path(self) -> Optional[Path]:

@@ -43,9 +43,10 @@ def apply_peft(model: nn.Module, config, *, tokenizer=None, generator: Optional[
     for p in model.parameters():
         p.requires_grad_(False)
     attached = method.install(model, config, tokenizer=tokenizer, generator=generator)
-    peft_model = PeftModel(model, config, trains_base=method.trains_base)
-    for name, module in attached.items():
-        setattr(peft_model, name, module)
+    if not isinstance(attached, dict):
+        raise PeftConfigError(f"method {method.name!r}: install() must return a dict {{attribute: module}} of the "
+                              f"modules to attach beside the base ({{}} for none), got {type(attached).__name__}")
+    peft_model = PeftModel(model, config, trains_base=method.trains_base, attached=attached)
     peft_model.set_trainable()
     return peft_model
 

@@ -26,9 +26,8 @@ EXTRA_TRAINABLE_MODULES = ("tok_embeddings", "output")
 # Names of the Linear modules LoRA may target (the last component of the module's name), over all families:
 # LLaMA's wq wk wv wo, w1 (gate) w2 (down) w3 (up), output; fused wqkv where a family has one.
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "wqkv", "w1", "w2", "w3", "output")
-# LoRAConfig's default targets ("wq", "wv": the query and value projections) stand for these in a family that
-# fuses q, k and v (BLOOM: HF peft's default query_key_value); tools/finetune.py applies it.
-FAMILY_DEFAULT_LORA_TARGETS = {"bloom": ("wqkv",), "chatglm": ("wqkv",)}
+# LoRAConfig's default targets ("wq", "wv": the query and value projections) stand for a family record's
+# default_lora_targets in a family that fuses q, k and v (BLOOM: HF peft's default query_key_value).
 
 PROMPT_INITS = ("random", "vocab", "text")
 GATE_KINDS = ("tanh", "plain")

@@ -7,8 +7,8 @@ base_model.model.<HF module name>.lora_A.weight (r, d_in) and ...lora_B.weight (
 
 transformers stores LLaMA's q/k rows permuted for its half-split rotary (W_hf = Perm W_meta). The update of
 a q/k projection is Delta W_hf = Perm s B A = s (Perm B) A, so lora_B's rows are permuted (with n_heads for
-q, n_kv_heads for k) and lora_A is unchanged. The module names come from the one HF name table
-(checkpoint/hf_llama.py).
+q, n_kv_heads for k) and lora_A is unchanged. The module names and that permutation come from the family's
+record (`hf_names`: the one HF name table, checkpoint/hf_llama.py).
 
 BLOOM (transformers BloomForCausalLM): names from checkpoint/hf_bloom.py (our fused wqkv is peft's
 query_key_value, with the same per-head [q_h, k_h, v_h] rows), and no permutation: BLOOM has no rotary.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..family_registry import FAMILIES, get_family
 from ..fileio import atomic_folder, write_json_atomic, write_safetensors_atomic
 from .api import lora_modules
 from .config import PeftConfigError
@@ -30,14 +31,16 @@ def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) ->
     The folder appears whole or not at all; an existing one is refused unless `overwrite`. Base modules the LoRA
     also trained in full (`extra_trainable`: tok_embeddings, output) are exported as peft's `modules_to_save`
     (embed_tokens, lm_head), saved under base_model.model.<HF module name>.weight as peft saves them."""
-    from ..checkpoint import bloom_module_to_hf, ours_module_to_hf, permute_for_hf
     extra = tuple(getattr(model.peft_config, "extra_trainable", ()) or ())
     modules = lora_modules(model, "export_lora_to_hf_peft")
     cfg = model.base.config
-    if cfg.family not in ("llama", "bloom"):
+    names = get_family(cfg.family).hf_names
+    if names is None:
+        with_names = [f.name for f in FAMILIES.values() if f.hf_names is not None]
         raise PeftConfigError(f"export_lora_to_hf_peft: this model's family is {cfg.family!r}, which has no Hugging "
-                              "Face name table here (llama and bloom have one); save_adapter writes our folder for it")
-    module_to_hf = bloom_module_to_hf if cfg.family == "bloom" else ours_module_to_hf
+                              f"Face name table here ({', '.join(with_names)} have one); save_adapter writes our "
+                              f"folder for it")
+    module_to_hf = names.module_to_hf
     tensors = {}
     target_modules = set()
     for name, lora in modules:
@@ -45,10 +48,8 @@ def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) ->
             raise PeftConfigError(f"{name} is merged; unmerge() it before exporting (the export holds A and B "
                                   "for the unmerged base weights)")
         lora_B = lora.lora_B.detach()                                                  # (d_out, r)
-        if cfg.family == "llama" and name.endswith("attention.wq"):
-            lora_B = permute_for_hf(lora_B, cfg.n_heads)
-        elif cfg.family == "llama" and name.endswith("attention.wk"):
-            lora_B = permute_for_hf(lora_B, cfg.n_kv_heads)
+        if names.lora_b_to_hf is not None:                                            # LLaMA: q/k rows permuted
+            lora_B = names.lora_b_to_hf(name, lora_B, cfg)
         hf_name = module_to_hf(name)
         target_modules.add(hf_name.rsplit(".", 1)[-1])
         tensors[f"base_model.model.{hf_name}.lora_A.weight"] = lora.lora_A.detach()   # (r, d_in)

@@ -25,9 +25,17 @@ Where the P virtual tokens sit is the base family's decision, read from three op
 Prompt tuning always shifts (the virtual tokens are real inputs the model reads first); prefix tuning shifts
 only where the family says so.
 
+Modules a method attaches beside the base (what its install() returns: {attribute name: module}) say what they
+put in front of the real tokens, by this small protocol (PeftModel finds them by it, not by their names):
+    num_virtual_tokens          P, the positions the module puts in front of the real tokens
+    prepend_embeddings(embeds)  (B, T, d) -> (B, P + T, d): P embeddings in front of the input (prompt tuning)
+ or past_key_values(batch)      per layer (k, v), each (B, G, P, hd): P key/value slots in front (prefix tuning)
+A module with neither would train but never reach the output, so apply_peft refuses it (check_attached). One
+module of each role at most, and not both at once (their positions would need a rule of their own).
+
 Which parameters train is read from the modules themselves (replace.adapter_parameters: every module with
-adapter_params()), plus the base modules named in the config's `extra_trainable`, or everything for a
-method with trains_base (full fine-tuning).
+adapter_params()), plus the base modules named in the config's `extra_trainable` (if it has that field), or
+everything for a method with trains_base (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import torch.nn as nn
 from ..distributed import full_numel
 from ..kv_cache import cache_length
 from ..loss import label_only_loss
+from .config import PeftConfigError
 from .replace import adapter_parameters, adapter_saved_tensors
 
 
@@ -63,6 +72,37 @@ def shift_position_ids(base, position_ids: torch.Tensor, offset: int) -> torch.T
     return own_rule(position_ids, offset) if own_rule is not None else position_ids + offset
 
 
+ROLES = ("prepend_embeddings", "past_key_values")
+
+
+def _with_role(modules: Dict[str, nn.Module], role: str):
+    found = [module for module in modules.values() if callable(getattr(module, role, None))]
+    return found[0] if found else None
+
+
+def check_attached(attached: Dict[str, nn.Module], method: str) -> None:
+    """The attached-module protocol (module docstring); PeftConfigError saying what a module lacks."""
+    for name, module in attached.items():
+        if not isinstance(module, nn.Module):
+            raise PeftConfigError(f"method {method!r}: install() returned {name!r} = {type(module).__name__}, not "
+                                  f"an nn.Module to attach beside the base")
+        roles = [role for role in ROLES if callable(getattr(module, role, None))]
+        if not roles:
+            raise PeftConfigError(f"method {method!r}: the attached module {name!r} ({type(module).__name__}) has "
+                                  f"neither prepend_embeddings(embeds) nor past_key_values(batch): it would train "
+                                  f"but never reach the output (peft/peft_model.py: the attached-module protocol)")
+        if not isinstance(getattr(module, "num_virtual_tokens", None), int):
+            raise PeftConfigError(f"method {method!r}: the attached module {name!r} needs an int "
+                                  f"num_virtual_tokens (the positions it puts in front of the real tokens)")
+        if len(roles) > 1:
+            raise PeftConfigError(f"method {method!r}: the attached module {name!r} has both roles; give it one")
+    for role in ROLES:
+        if sum(callable(getattr(m, role, None)) for m in attached.values()) > 1:
+            raise PeftConfigError(f"method {method!r}: more than one attached module has {role}(); one at most")
+    if all(_with_role(attached, role) is not None for role in ROLES):
+        raise PeftConfigError(f"method {method!r}: a soft prompt and a prefix attached together are not supported")
+
+
 @dataclass
 class TrainableReport:
     trainable: int
@@ -80,14 +120,20 @@ class PeftModel(nn.Module):
     """A decoder with one PEFT method installed. See the module docstring for the calling contract.
 
     Attributes: `base` (the decoder, with LoRA / adapter / LLaMA-Adapter modules inside it), `peft_config`,
-    `method`, `soft_prompt` (prompt tuning) or `prefix` (prefix tuning), `report`."""
+    `method`, the attached modules under the names their method gave them (`soft_prompt` for prompt tuning,
+    `prefix` for prefix tuning), `report`."""
 
-    def __init__(self, base: nn.Module, peft_config, trains_base: bool = False):
+    def __init__(self, base: nn.Module, peft_config, trains_base: bool = False, attached: Optional[dict] = None):
         super().__init__()
         self.base = base
         self.peft_config = peft_config
         self.method = peft_config.method
         self.trains_base = trains_base
+        attached = dict(attached or {})
+        check_attached(attached, peft_config.method)
+        for name, module in attached.items():
+            setattr(self, name, module)
+        self.attached_names = tuple(attached)
 
     # -- what the method owns
     @property
@@ -113,25 +159,27 @@ class PeftModel(nn.Module):
         """The base's rule for the next token's positions (None for a counting family)."""
         return getattr(self.base, "next_position_ids", None)
 
+    def attached_modules(self) -> Dict[str, nn.Module]:
+        """The modules the method attached beside the base, by name."""
+        return {name: getattr(self, name) for name in self.attached_names}
+
     @property
     def soft_prompt_module(self):
-        return getattr(self, "soft_prompt", None)
+        """The attached module that puts embeddings in front of the input (prompt tuning), or None."""
+        return _with_role(self.attached_modules(), "prepend_embeddings")
 
     @property
     def prefix_module(self):
-        return getattr(self, "prefix", None)
+        """The attached module that supplies key/value slots in front (prefix tuning), or None."""
+        return _with_role(self.attached_modules(), "past_key_values")
 
     @property
     def num_virtual_tokens(self) -> int:
-        """P: the soft prompt's or the prefix's length (0 for the other methods)."""
-        if self.soft_prompt_module is not None:
-            return self.soft_prompt_module.prompt_len
-        if self.prefix_module is not None:
-            return self.prefix_module.prefix_len
-        return 0
+        """P: the positions the attached modules put in front (0 for methods that attach nothing)."""
+        return sum(module.num_virtual_tokens for module in self.attached_modules().values())
 
     def _extra_names(self) -> set:
-        return {f"base.{m}.weight" for m in self.peft_config.extra_trainable}
+        return {f"base.{m}.weight" for m in getattr(self.peft_config, "extra_trainable", ())}
 
     def method_parameters(self) -> Dict[str, nn.Parameter]:
         """name (as in self.named_parameters()) -> parameter, for every parameter the method trains."""
@@ -217,10 +265,10 @@ class PeftModel(nn.Module):
         # (a (B, T) mask with a past is left as it is: the model treats every past key as real)
 
         if self.prefix_module is not None and first_call:
-            past_key_values = self.prefix_module(B)                                       # per layer (B, G, P, hd)
+            past_key_values = self.prefix_module.past_key_values(B)                       # per layer (B, G, P, hd)
         if prompt_in_front:
             embeds = input_embeds if input_embeds is not None else self.base.tok_embeddings(tokens)   # (B, T, d)
-            input_embeds, _, _ = self.soft_prompt_module.prepend(embeds)                  # (B, P + T, d)
+            input_embeds = self.soft_prompt_module.prepend_embeddings(embeds)            # (B, P + T, d)
             tokens = None
             if position_ids is not None or start_pos is not None:                         # prompt at 0..P-1
                 if position_ids is None:

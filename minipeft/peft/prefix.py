@@ -84,6 +84,14 @@ class PrefixKV(nn.Module):
         keys_values = per_slot.permute(2, 1, 3, 0, 4)                                      # (2, L, G, P, hd)
         return keys_values[0], keys_values[1]
 
+    # the attached-module protocol (peft_model.py): P key/value slots in front of every layer's keys
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prefix_len
+
+    def past_key_values(self, batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return self(batch_size)
+
     def forward(self, batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (k, v), each (B, G, P, hd): the past_key_values a Transformer takes."""
         keys, values = self.prefix_tensors()                                               # (L, G, P, hd)

@@ -40,7 +40,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .. import memory
 from . import adapter, llama_adapter, lora, prefix, soft_prompt
-from .config import (FAMILY_DEFAULT_LORA_TARGETS, GATE_KINDS, PROMPT_INITS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
+from ..family_registry import get_family
+from .config import (GATE_KINDS, PROMPT_INITS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
                      PeftConfigError, PrefixConfig, PromptConfig)
 from .learning_rates import REAL_BASE_LR, SWEEP_GRID, TINY_COMPARISON_LR, TINY_MODEL_LR
 
@@ -189,7 +190,7 @@ def _rates(name: str) -> LearningRates:
 # The usual settings at 7B (lesson 07, the comparison's computed tables): LoRA r 8 on q, v (the family's fused
 # wqkv where it has one), 20 prompt / 10 prefix tokens, bottleneck 64, LLaMA-Adapter on the top 30 layers.
 def _lora_7b(cfg) -> LoRAConfig:
-    return LoRAConfig(rank=8, alpha=16, targets=FAMILY_DEFAULT_LORA_TARGETS.get(cfg.family, ("wq", "wv")))
+    return LoRAConfig(rank=8, alpha=16, targets=get_family(cfg.family).default_lora_targets)
 
 
 register(PeftMethod("full", FullConfig, _install_nothing, trains_base=True, title="full fine-tuning",

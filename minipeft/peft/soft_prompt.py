@@ -52,6 +52,15 @@ class SoftPrompt(nn.Module):
         """What prompt tuning trains: the prompt (P, d)."""
         return {"weight": self.weight}
 
+    # the attached-module protocol (peft_model.py): P embeddings in front of the input
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt_len
+
+    def prepend_embeddings(self, input_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, P + T, d)."""
+        return self.prepend(input_embeds)[0]
+
     def prepend(
         self,
         input_embeds: torch.Tensor,                       # (B, T, d)

@@ -4,7 +4,7 @@ greedy generation. Also the autocast context the loop and the evaluation share.
     val_loss    = sum over every label token of the validation set of -log p(label | prefix) / (label tokens)
                   (token-weighted, not an average of batch means)
     exact_match = share of records whose greedy generation (up to EOS, stripped) equals the expected output;
-                  each prompt is rendered in the tokenizer family's own format, as in training (data.PROMPT_FORMATS)
+                  each prompt is rendered in the tokenizer family's own format, as in training (its family record's prompt_format)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..data import PROMPT_FORMATS, Example, Record, collate
+from ..data import Example, Record, collate, prompt_format_of
 from ..loss import count_label_tokens, label_only_loss
 
 
@@ -65,7 +65,7 @@ def exact_match(model, tokenizer, records: Sequence[Record], *, batch_size: int 
         max_new_tokens = max(len(tokenizer.encode(r.output, bos=False)) for r in records) + 1
     was_training = model.training
     model.eval()
-    prompt_format = PROMPT_FORMATS[getattr(tokenizer, "family", "llama")]      # the format the model was trained on
+    prompt_format = prompt_format_of(tokenizer)                               # the format the model was trained on
     texts = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]

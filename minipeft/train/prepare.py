@@ -15,8 +15,7 @@ from typing import Optional
 
 from ..checkpoint import check_tokenizer_fits, load_model, open_checkpoint
 from ..peft import LoRAConfig
-from ..peft.config import FAMILY_DEFAULT_LORA_TARGETS
-from ..families import tokenizer_for
+from ..family_registry import get_family, tokenizer_for
 from .config import TrainConfig, TrainError, base_dtype, check_config
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
@@ -50,24 +49,25 @@ def prepare_run(cfg: TrainConfig):
 
 
 def with_family_defaults(cfg: TrainConfig, family: str) -> TrainConfig:
-    """LoRA left at its default targets (wq, wv) on a family that fuses q, k, v takes that family's default
-    (BLOOM: wqkv, as HF peft's query_key_value)."""
+    """LoRA left at its default targets (wq, wv) takes what they mean in the family (its record's
+    default_lora_targets: BLOOM's and ChatGLM-6B's fused wqkv, as HF peft's query_key_value)."""
     peft = cfg.peft
-    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets and family in FAMILY_DEFAULT_LORA_TARGETS:
-        return dataclasses.replace(cfg, peft=dataclasses.replace(peft, targets=FAMILY_DEFAULT_LORA_TARGETS[family]))
+    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets:
+        targets = get_family(family).default_lora_targets
+        return dataclasses.replace(cfg, peft=dataclasses.replace(peft, targets=targets))
     return cfg
 
 
 def load_run_tokenizer(cfg: TrainConfig, reader, model_cfg):
     """The tokenizer of the model's family (families.tokenizer_for): --tokenizer, else the file the model folder
     holds (ours: tokenizer.model, or BLOOM's tokenizer.json; a ChatGLM-6B folder: ice_text.model). Its family
-    picks the prompt format the data is rendered in (data.PROMPT_FORMATS). It must fit the model's vocabulary."""
+    picks the prompt format the data is rendered in (its family record's prompt_format). It must fit the model's vocabulary."""
     tokenizer_path = cfg.tokenizer or reader.tokenizer_path
     if tokenizer_path is None or not Path(tokenizer_path).is_file():
         wanted = tokenizer_path or Path(cfg.model) / "tokenizer.model"
         raise TrainError(f"tokenizer {wanted} not found; give --tokenizer")
     check_tokenizer_fits(Path(tokenizer_path), model_cfg.vocab_size, f"--tokenizer {tokenizer_path} (model {cfg.model})",
-                         allow_extra_model_rows=model_cfg.family != "llama")
+                         allow_extra_model_rows=get_family(model_cfg.family).tokenizer_may_be_smaller)
     return tokenizer_for(model_cfg.family, tokenizer_path)
 
 
