@@ -129,7 +129,8 @@ def family_string_tests(source: str, filename: str) -> list:
 
 
 def test_the_family_test_finder_finds_one():
-    planted = 'if cfg.family == "bloom":\n    pass\nif family in ("llama", "chatglm2"):\n    pass\nok = family is None\n'
+    planted = ('if cfg.family == "bloom":\n    pass\nif family in ("llama", "chatglm2"):\n    pass\n'
+               'ok = family is None or family in (None, other.family)\n')
     assert family_string_tests(planted, "x.py") == ["x.py:1", "x.py:3"]
 
 
