@@ -28,6 +28,11 @@ take positions 0..P-1 and real tokens P.., exactly as transformers does when pef
 mask. `position_ids` and `start_pos` are accepted for the common signature and not needed: positions come
 from the attention mask (all ones when none is given).
 
+The attention seam (attention_seam.py) is model.py's: `project(x, rotation=None)` (rotation is always None
+here, nothing turns) and `attend(q, k, v, mask)` with mask the ALiBi bias above, so every PEFT method installs as
+on LLaMA. Blocks marked `# Copied from minipeft.model.<name>` are model.py's text; tests/test_copies.py keeps
+them so.
+
 This file knows nothing about PEFT, like model.py.
 """
 
@@ -41,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention_seam import PER_HEAD_FUSED_QKV
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, append_kv, cache_length
 
@@ -57,6 +63,8 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 class BloomAttention(nn.Module):
+    qkv_layout = PER_HEAD_FUSED_QKV                                                 # wqkv, per head [q_h, k_h, v_h]
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = self.n_kv_heads = cfg.n_heads
@@ -64,25 +72,29 @@ class BloomAttention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=True)     # per head [q_h, k_h, v_h]
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=True)
 
-    def project(self, x: torch.Tensor):
-        """x (B, T, d) -> q, k, v each (B, H, T, hd). No rotation: ALiBi is added to the scores instead."""
+    def project(self, x: torch.Tensor, rotation: None = None):
+        """x (B, T, d) -> q, k, v each (B, H, T, hd). rotation is always None: BLOOM rotates nothing, ALiBi is
+        added to the scores instead (the seam's signature, attention_seam.py)."""
+        if rotation is not None:
+            raise ValueError("BLOOM has no rotary embedding (ALiBi is in the attention bias): rotation must be None")
         B, T, _ = x.shape
         fused = self.wqkv(x).view(B, T, self.n_heads, 3, self.head_dim)            # (B, T, H, 3, hd)
         q, k, v = fused.unbind(dim=3)                                               # (B, T, H, hd) each
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H, T, hd) each
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q (B, H, T, hd), k/v (B, H, S, hd), bias (B, H, T, S) float: ALiBi, -inf where a key is hidden.
-        Returns softmax(q k^T / sqrt(hd) + bias) v, (B, H, T, hd)."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q (B, H, T, hd), k/v (B, H, S, hd), mask (B, H, T, S) float: the ALiBi bias, -inf where a key is hidden.
+        Returns softmax(q k^T / sqrt(hd) + mask) v, (B, H, T, hd)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
 
-    def forward(self, x, bias, past_kv=None):
+    # Copied from minipeft.model.Attention.forward
+    def forward(self, x, rotation, mask, past_kv=None):
         """x (B, T, d) -> (B, T, d), and this layer's updated (k, v) with the past in front."""
         B, T, _ = x.shape
-        q, k, v = self.project(x)
-        k, v = append_kv(past_kv, k, v)                                             # (B, H, S, hd) each
-        out = self.attend(q, k, v, bias)                                            # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)       # (B, T, d)
+        q, k, v = self.project(x, rotation)
+        k, v = append_kv(past_kv, k, v)                                            # (B, G, S, hd) each
+        out = self.attend(q, k, v, mask)                                           # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)      # (B, T, H*hd)
         return self.wo(out), (k, v)
 
 
@@ -104,11 +116,24 @@ class BloomBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = BloomFeedForward(cfg)
 
-    def forward(self, h, bias, past_kv=None):
-        attn_out, new_kv = self.attention(self.attention_norm(h), bias, past_kv)
+    # Copied from minipeft.model.Block.forward
+    def forward(self, h, rotation, mask, past_kv=None):
+        attn_out, new_kv = self.attention(self.attention_norm(h), rotation, mask, past_kv)
         h = h + attn_out
         h = h + self.feed_forward(self.ffn_norm(h))
         return h, new_kv
+
+
+# Copied from minipeft.model.widen_attention_mask
+def widen_attention_mask(attention_mask: torch.Tensor, B: int, T: int, past_len: int) -> torch.Tensor:
+    """attention_mask (B, S_past + T), or (B, T) over the new tokens only -> (B, S_past + T): the past keys of a
+    (B, T) mask are all real (ones in front)."""
+    S = past_len + T
+    if attention_mask.shape[1] == T and past_len > 0:
+        attention_mask = torch.cat([attention_mask.new_ones(B, past_len), attention_mask], dim=1)
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+    return attention_mask
 
 
 class Bloom(nn.Module):
@@ -147,26 +172,42 @@ class Bloom(nn.Module):
     ):
         """Returns logits (B, T, V); with use_cache=True, (logits, cache). With return_hidden=True the last
         block's output h_L (B, T, d) instead of the logits (head(h_L) gives them)."""
+        h = self.embed_norm(self.embed(tokens, input_embeds))                           # (B, T, d)
+        B, T, _ = h.shape
+        past_len = self.past_length(past_key_values)
+        mask = self.alibi_bias(B, T, past_len, attention_mask, h.device)               # (B, H, T, S)
+        h, new_cache = self.forward_layers(h, None, mask, past_key_values)             # no rotation: ALiBi
+        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
+        return (out, new_cache) if use_cache else out
+
+    # Copied from minipeft.model.Transformer.embed
+    def embed(self, tokens: Optional[torch.Tensor], input_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens (B, T) -> their embeddings (B, T, d), or the given input_embeds (B, T, d): exactly one of the two."""
         if (tokens is None) == (input_embeds is None):
             raise ValueError("pass exactly one of tokens or input_embeds")
-        h = self.tok_embeddings(tokens) if tokens is not None else input_embeds      # (B, T, d)
-        h = self.embed_norm(h)
-        B, T, _ = h.shape
+        return self.tok_embeddings(tokens) if tokens is not None else input_embeds
+
+    # Copied from minipeft.model.Transformer.past_length
+    def past_length(self, past_key_values: Optional[KVCache]) -> int:
+        """S_past, the positions the cache holds (0 without one); the cache must have one (k, v) per layer."""
         past_len = cache_length(past_key_values)
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
-        bias = self.alibi_bias(B, T, past_len, attention_mask, h.device)               # (B, H, T, S)
+        return past_len
 
+    # Copied from minipeft.model.Transformer.forward_layers
+    def forward_layers(self, h: torch.Tensor, rotation, mask, past_key_values: Optional[KVCache]):
+        """h (B, T, d) through every block, each with its layer's past (k, v) -> (h_L, the new cache). With
+        gradient_checkpointing (training only) a block keeps only its inputs and recomputes the rest in backward."""
         new_cache = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, kv = checkpoint(layer, h, bias, past_kv, use_reentrant=False)
+                h, kv = checkpoint(layer, h, rotation, mask, past_kv, use_reentrant=False)
             else:
-                h, kv = layer(h, bias, past_kv)
+                h, kv = layer(h, rotation, mask, past_kv)
             new_cache.append(kv)
-        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
-        return (out, new_cache) if use_cache else out
+        return h, new_cache
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The last block's output (..., d) -> logits (..., V): final LayerNorm, then the tied embedding."""
@@ -183,11 +224,7 @@ class Bloom(nn.Module):
         if attention_mask is None:
             real = torch.ones(B, S, dtype=torch.long, device=device)
         else:
-            real = attention_mask.to(device=device, dtype=torch.long)
-            if real.shape[1] == T and past_len > 0:                                   # past keys all real
-                real = torch.cat([real.new_ones(B, past_len), real], dim=1)
-            if tuple(real.shape) != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+            real = widen_attention_mask(attention_mask.to(device=device, dtype=torch.long), B, T, past_len)
         key_pos = ((real.cumsum(dim=1) - 1) * real).float()                            # (B, S)
         query_pos = key_pos[:, past_len:]                                              # (B, T)
         distance = key_pos[:, None, :] - query_pos[:, :, None]                        # (B, T, S)
@@ -198,6 +235,7 @@ class Bloom(nn.Module):
         visible = visible | (key_index == query_index)[None]                          # a token sees itself
         return bias.masked_fill(~visible[:, None], float("-inf"))
 
+    # Copied from minipeft.model.Transformer.num_parameters
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

@@ -37,6 +37,10 @@ from its first real token (pads get positions 0, 0, as the original tokenizer pa
 prefix-tuning prefix), pass position_ids (B, 2, T): `generate` does (`prompt_position_ids` / `next_position_ids`).
 
 Cache: one (k, v) per layer, each (B, H, S, hd), keys stored after rotation (kv_cache.py), as in model.py.
+
+The attention seam (attention_seam.py) is model.py's: `project(x, rotation=None)` with rotation the (cos, sin) of
+glm_rope_cos_sin stacked in one tensor (None: no rotation), and `attend(q, k, v, mask)` with the bool prefix-LM
+mask. Blocks marked `# Copied from minipeft.model.<name>` are model.py's text; tests/test_copies.py keeps them so.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention_seam import PER_HEAD_FUSED_QKV
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, append_kv, cache_length
 
@@ -111,6 +116,8 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Attention(nn.Module):
+    qkv_layout = PER_HEAD_FUSED_QKV                                                # wqkv, per head [q, k, v]
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_heads, cfg.head_dim
@@ -118,11 +125,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.n_heads * cfg.head_dim, bias=True)  # per head [q, k, v]
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=True)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (B, T, d) -> rotated q (B, H, T, hd), rotated k (B, H, T, hd), v (B, H, T, hd)."""
+    def project(self, x: torch.Tensor, rotation: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """x (B, T, d) -> q (B, H, T, hd), k (B, H, T, hd), v (B, H, T, hd); q and k rotated by rotation = (cos, sin)
+        from glm_rope_cos_sin, or not at all when rotation is None (a projection that carries no position)."""
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_heads, 3, self.head_dim)              # (B, T, H, 3, hd)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)                             # each (B, H, T, hd)
+        if rotation is None:
+            return q, k, v
+        cos, sin = rotation
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -135,11 +146,12 @@ class Attention(nn.Module):
         probs = (scores.to(at_least_fp32) * c).softmax(dim=-1).to(v.dtype)         # softmax in (at least) float32
         return probs @ v                                                           # (B, H, T, hd)
 
-    def forward(self, x, cos, sin, mask, past_kv=None):
+    # Copied from minipeft.model.Attention.forward
+    def forward(self, x, rotation, mask, past_kv=None):
         """x (B, T, d) -> (B, T, d), and this layer's updated (k, v) with the past in front."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
-        k, v = append_kv(past_kv, k, v)                                            # (B, H, S, hd) each
+        q, k, v = self.project(x, rotation)
+        k, v = append_kv(past_kv, k, v)                                            # (B, G, S, hd) each
         out = self.attend(q, k, v, mask)                                           # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)      # (B, T, H*hd)
         return self.wo(out), (k, v)
@@ -171,23 +183,31 @@ class Block(nn.Module):
         self.ffn_norm = LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, h, cos, sin, mask, past_kv=None):
+    def forward(self, h, rotation, mask, past_kv=None):
         x = self.attention_norm(h)                                                 # (B, T, d)
-        attn_out, new_kv = self.attention(x, cos, sin, mask, past_kv)
+        attn_out, new_kv = self.attention(x, rotation, mask, past_kv)
         h = x * GLM_ALPHA + attn_out                                               # GLM residual on LN1(h)
         x = self.ffn_norm(h)
         h = x * GLM_ALPHA + self.feed_forward(x)                                   # ... and on LN2(h')
         return h, new_kv
 
 
+# Copied from minipeft.model.widen_attention_mask
+def widen_attention_mask(attention_mask: torch.Tensor, B: int, T: int, past_len: int) -> torch.Tensor:
+    """attention_mask (B, S_past + T), or (B, T) over the new tokens only -> (B, S_past + T): the past keys of a
+    (B, T) mask are all real (ones in front)."""
+    S = past_len + T
+    if attention_mask.shape[1] == T and past_len > 0:
+        attention_mask = torch.cat([attention_mask.new_ones(B, past_len), attention_mask], dim=1)
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+    return attention_mask
+
+
 class ChatGLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.n_kv_heads != cfg.n_heads:
-            raise ValueError(f"ChatGLM-6B has plain multi-head attention: n_kv_heads {cfg.n_kv_heads} != n_heads {cfg.n_heads}")
-        if cfg.head_dim % 4 != 0:
-            raise ValueError(f"ChatGLM-6B's 2D rotary needs head_dim divisible by 4, got {cfg.head_dim}")
-        self.config = cfg
+        self.config = cfg                                  # checked by check_config (below) when it was made
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -245,13 +265,9 @@ class ChatGLM(nn.Module):
         return_hidden: bool = False,                   # give h_L (B, T, d) instead of logits (see head())
     ):
         """Returns logits (B, T, V); with use_cache=True, (logits, cache). With return_hidden=True, h_L (B, T, d)."""
-        if (tokens is None) == (input_embeds is None):
-            raise ValueError("pass exactly one of tokens or input_embeds")
-        h = self.tok_embeddings(tokens) if tokens is not None else input_embeds      # (B, T, d)
+        h = self.embed(tokens, input_embeds)                                             # (B, T, d)
         B, T, _ = h.shape
-        past_len = cache_length(past_key_values)
-        if past_key_values is not None and len(past_key_values) != len(self.layers):
-            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
+        past_len = self.past_length(past_key_values)
         if position_ids is None:
             if tokens is None or past_len > 0 or start_pos is not None:
                 raise ValueError("ChatGLM-6B derives its 2D positions from token ids only without a cache; with "
@@ -261,19 +277,41 @@ class ChatGLM(nn.Module):
         if position_ids.dim() != 3 or tuple(position_ids.shape) != (B, 2, T):
             raise ValueError(f"ChatGLM-6B position_ids have shape {tuple(position_ids.shape)}, expected ({B}, 2, {T}): "
                              f"[:, 0] positions, [:, 1] block positions")
-        cos, sin = glm_rope_cos_sin(position_ids, self.config.head_dim, h.dtype)     # (B, 1, T, hd/2)
+        cos, sin = glm_rope_cos_sin(position_ids, self.config.head_dim, h.dtype)     # (B, 1, T, hd/2) each
+        rotation = torch.stack([cos, sin])             # (2, B, 1, T, hd/2): one tensor (attention_seam.py says why)
         mask = self.build_mask(position_ids[:, 1], past_len, attention_mask)          # (B, 1, T, S)
+        h, new_cache = self.forward_layers(h, rotation, mask, past_key_values)
+        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
+        return (out, new_cache) if use_cache else out
 
+    # Copied from minipeft.model.Transformer.embed
+    def embed(self, tokens: Optional[torch.Tensor], input_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens (B, T) -> their embeddings (B, T, d), or the given input_embeds (B, T, d): exactly one of the two."""
+        if (tokens is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of tokens or input_embeds")
+        return self.tok_embeddings(tokens) if tokens is not None else input_embeds
+
+    # Copied from minipeft.model.Transformer.past_length
+    def past_length(self, past_key_values: Optional[KVCache]) -> int:
+        """S_past, the positions the cache holds (0 without one); the cache must have one (k, v) per layer."""
+        past_len = cache_length(past_key_values)
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
+        return past_len
+
+    # Copied from minipeft.model.Transformer.forward_layers
+    def forward_layers(self, h: torch.Tensor, rotation, mask, past_key_values: Optional[KVCache]):
+        """h (B, T, d) through every block, each with its layer's past (k, v) -> (h_L, the new cache). With
+        gradient_checkpointing (training only) a block keeps only its inputs and recomputes the rest in backward."""
         new_cache = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, kv = checkpoint(layer, h, cos, sin, mask, past_kv, use_reentrant=False)
+                h, kv = checkpoint(layer, h, rotation, mask, past_kv, use_reentrant=False)
             else:
-                h, kv = layer(h, cos, sin, mask, past_kv)
+                h, kv = layer(h, rotation, mask, past_kv)
             new_cache.append(kv)
-        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
-        return (out, new_cache) if use_cache else out
+        return h, new_cache
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The last block's output (..., d) -> logits (..., V): final LayerNorm, then the tied embedding matrix."""
@@ -295,15 +333,12 @@ class ChatGLM(nn.Module):
         context_key = torch.cat([torch.zeros(B, past_len, dtype=torch.bool, device=device), block_ids == 0], dim=1)
         mask = (key_pos <= query_pos)[None, None] | context_key[:, None, None, :]     # (B, 1, T, S)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-            if attention_mask.shape[1] == T and past_len > 0:                          # past keys all real
-                attention_mask = torch.cat([attention_mask.new_ones(B, past_len), attention_mask], dim=1)
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+            attention_mask = widen_attention_mask(attention_mask.to(device=device, dtype=torch.bool), B, T, past_len)
             mask = mask & attention_mask[:, None, None, :]
             mask = mask | (key_pos == query_pos)[None, None]
         return mask
 
+    # Copied from minipeft.model.Transformer.num_parameters
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

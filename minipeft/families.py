@@ -6,8 +6,8 @@
 Every family's model has the same forward signature as model.Transformer (tokens or input_embeds,
 past_key_values, start_pos, position_ids, attention_mask, use_cache, return_hidden), the same cache layout per
 layer ((k, v), each (B, G, S, hd)), `config`, `gradient_checkpointing`, `head(h)`, and blocks under `layers.{i}`
-whose `attention` exposes the attention seam `project` / `attend`, so every PEFT method, `generate` and the
-trainer work on all of them. A family that does not number tokens 0, 1, ... adds `prompt_position_ids` /
+whose `attention` exposes the attention seam (attention_seam.py: `project(x, rotation=None)`, `attend(q, k, v,
+mask)` and `qkv_layout`), so every PEFT method, `generate` and the trainer work on all of them. A family that does not number tokens 0, 1, ... adds `prompt_position_ids` /
 `next_position_ids` (generate.py) and says where PEFT's virtual tokens sit (`cache_prefix_shifts_positions`,
 `front_position_ids`, `shift_position_ids`: see peft/peft_model.py; ChatGLM-6B in chatglm.py).
 

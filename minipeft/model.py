@@ -23,6 +23,12 @@ to the past length.
 ChatGLM2-6B ("chatglm2") is this decoder with cfg.qkv_bias (wq/wk/wv carry biases) and cfg.rotary_fraction 0.5
 (RoPE turns adjacent pairs of the first hd/2 dims only, with angles pos * theta^(-2i/(hd/2)); the rest pass).
 
+The attention seam (attention_seam.py), the same in every family: each block's attention has
+`project(x, rotation=None) -> (q, k, v)` and `attend(q, k, v, mask)`; here rotation is the (cos, sin) pair the
+forward computed once for all layers, stacked in one tensor (None: no RoPE) and mask the bool mask of build_mask.
+bloom.py and chatglm.py copy some functions of this file word for word (marked `# Copied from minipeft.model.<name>`
+there): change one here and tests/test_copies.py names each copy to change with it.
+
 This file knows nothing about PEFT: prompt tuning uses `input_embeds`, prefix tuning uses
 `past_key_values`, and the other methods replace sub-modules (LoRALinear subclasses nn.Linear).
 """
@@ -36,8 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention_seam import SEPARATE_QKV
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, append_kv, cache_length
+
+Rotation = Tuple[torch.Tensor, torch.Tensor]    # (cos, sin) of rope_cos_sin: a pair, or the two stacked (2, ...)
 
 
 class RMSNorm(nn.Module):
@@ -72,6 +81,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    qkv_layout = SEPARATE_QKV                                                      # wq, wk, wv (attention_seam.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -80,12 +91,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (B, T, d) -> rotated q (B, H, T, hd), rotated k (B, G, T, hd), v (B, G, T, hd)."""
+    def project(self, x: torch.Tensor, rotation: Optional[Rotation] = None):
+        """x (B, T, d) -> q (B, H, T, hd), k (B, G, T, hd), v (B, G, T, hd); q and k rotated by rotation = (cos, sin)
+        from rope_cos_sin, or not at all when rotation is None (a projection that carries no position)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, G, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, G, T, hd)
+        if rotation is None:
+            return q, k, v
+        cos, sin = rotation
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,10 +112,10 @@ class Attention(nn.Module):
         is_causal = mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
-    def forward(self, x, cos, sin, mask, past_kv=None):
+    def forward(self, x, rotation, mask, past_kv=None):
         """x (B, T, d) -> (B, T, d), and this layer's updated (k, v) with the past in front."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, rotation)
         k, v = append_kv(past_kv, k, v)                                            # (B, G, S, hd) each
         out = self.attend(q, k, v, mask)                                           # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)      # (B, T, H*hd)
@@ -126,11 +141,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, h, cos, sin, mask, past_kv=None):
-        attn_out, new_kv = self.attention(self.attention_norm(h), cos, sin, mask, past_kv)
+    def forward(self, h, rotation, mask, past_kv=None):
+        attn_out, new_kv = self.attention(self.attention_norm(h), rotation, mask, past_kv)
         h = h + attn_out
         h = h + self.feed_forward(self.ffn_norm(h))
         return h, new_kv
+
+
+def widen_attention_mask(attention_mask: torch.Tensor, B: int, T: int, past_len: int) -> torch.Tensor:
+    """attention_mask (B, S_past + T), or (B, T) over the new tokens only -> (B, S_past + T): the past keys of a
+    (B, T) mask are all real (ones in front)."""
+    S = past_len + T
+    if attention_mask.shape[1] == T and past_len > 0:
+        attention_mask = torch.cat([attention_mask.new_ones(B, past_len), attention_mask], dim=1)
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+    return attention_mask
 
 
 class Transformer(nn.Module):
@@ -170,30 +196,44 @@ class Transformer(nn.Module):
         """Returns logits (B, T, V); with use_cache=True, (logits, cache) where cache holds past + new keys.
         With return_hidden=True the last block's output h_L (B, T, d) instead of the logits: head(h_L) gives
         them, so a loss can apply the output layer to only the positions it needs."""
-        if (tokens is None) == (input_embeds is None):
-            raise ValueError("pass exactly one of tokens or input_embeds")
-        h = self.tok_embeddings(tokens) if tokens is not None else input_embeds      # (B, T, d)
+        h = self.embed(tokens, input_embeds)                                             # (B, T, d)
         B, T, _ = h.shape
-        past_len = cache_length(past_key_values)
-        if past_key_values is not None and len(past_key_values) != len(self.layers):
-            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
-
+        past_len = self.past_length(past_key_values)
         if position_ids is None:
             first = past_len if start_pos is None else start_pos
             position_ids = torch.arange(first, first + T, device=h.device).expand(B, T)   # (B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)   # (B, 1, T, rot/2)
+        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)   # (B, 1, T, rot/2) each
+        rotation = torch.stack([cos, sin])             # (2, B, 1, T, rot/2): one tensor (attention_seam.py says why)
         mask = self.build_mask(B, T, past_len, attention_mask, h.device)
+        h, new_cache = self.forward_layers(h, rotation, mask, past_key_values)
+        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
+        return (out, new_cache) if use_cache else out
 
+    def embed(self, tokens: Optional[torch.Tensor], input_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens (B, T) -> their embeddings (B, T, d), or the given input_embeds (B, T, d): exactly one of the two."""
+        if (tokens is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of tokens or input_embeds")
+        return self.tok_embeddings(tokens) if tokens is not None else input_embeds
+
+    def past_length(self, past_key_values: Optional[KVCache]) -> int:
+        """S_past, the positions the cache holds (0 without one); the cache must have one (k, v) per layer."""
+        past_len = cache_length(past_key_values)
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
+        return past_len
+
+    def forward_layers(self, h: torch.Tensor, rotation, mask, past_key_values: Optional[KVCache]):
+        """h (B, T, d) through every block, each with its layer's past (k, v) -> (h_L, the new cache). With
+        gradient_checkpointing (training only) a block keeps only its inputs and recomputes the rest in backward."""
         new_cache = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, kv = checkpoint(layer, h, cos, sin, mask, past_kv, use_reentrant=False)
+                h, kv = checkpoint(layer, h, rotation, mask, past_kv, use_reentrant=False)
             else:
-                h, kv = layer(h, cos, sin, mask, past_kv)
+                h, kv = layer(h, rotation, mask, past_kv)
             new_cache.append(kv)
-        out = h if return_hidden else self.head(h)                                     # (B, T, d) | (B, T, V)
-        return (out, new_cache) if use_cache else out
+        return h, new_cache
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The last block's output (..., d) -> logits (..., V): final RMSNorm, then the output layer.
@@ -218,11 +258,7 @@ class Transformer(nn.Module):
         key_pos = torch.arange(S, device=device)[None, :]                             # (1, S)
         mask = (key_pos <= query_pos)[None, None]                                     # (1, 1, T, S)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-            if attention_mask.shape[1] == T and past_len > 0:                         # past keys all real
-                attention_mask = torch.cat([attention_mask.new_ones(B, past_len), attention_mask], dim=1)
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S}) or ({B}, {T})")
+            attention_mask = widen_attention_mask(attention_mask.to(device=device, dtype=torch.bool), B, T, past_len)
             mask = mask & attention_mask[:, None, None, :]                            # (B, 1, T, S)
             mask = mask | (key_pos == query_pos)[None, None]                          # a token sees itself
         return mask

@@ -123,7 +123,7 @@ def test_llama_adapter_prompt_keys_carry_no_position_bias():
         torch.manual_seed(5)
         x = torch.randn(1, 5, 48, dtype=torch.float64)
         bias = model.base.alibi_bias(1, 5, 0, None, "cpu").double()                # (1, H, 5, 5)
-        got, _ = attention(x, bias)
+        got, _ = attention(x, None, bias)                                         # no rotation: ALiBi
         H, hd = 6, 8
         W, b = attention.wqkv.weight, attention.wqkv.bias
         fused = (x @ W.T + b).view(1, 5, H, 3, hd)

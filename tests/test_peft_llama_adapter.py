@@ -135,9 +135,9 @@ def test_adapted_layer_matches_float64_separate_softmax(gate):
     B, T = 2, 6
     x = torch.randn(B, T, cfg.dim)
     positions = torch.arange(T)
-    cos, sin = rope_cos_sin(positions.expand(B, T), cfg.head_dim, cfg.rope_theta)
+    rotation = rope_cos_sin(positions.expand(B, T), cfg.head_dim, cfg.rope_theta)
     with torch.no_grad():
-        out, _ = attention(x, cos, sin, None)
+        out, _ = attention(x, rotation, None)
     gate_values = torch.tensor([0.7, -0.4, 0.0, 1.3], dtype=torch.float64)
     if gate == "tanh":
         gate_values = torch.tanh(gate_values)
@@ -154,7 +154,7 @@ def test_adapted_layer_matches_float64_separate_softmax(gate):
     plain = Attention(cfg)                                                      # the plain layer, same weights
     plain.load_state_dict({k: v for k, v in attention.state_dict().items() if not k.startswith("adapter_")})
     with torch.no_grad():
-        base_out, _ = plain(x, cos, sin, None)
+        base_out, _ = plain(x, rotation, None)
     torch.testing.assert_close(base_out.double(), closed, rtol=1e-5, atol=1e-5)
 
 

@@ -103,7 +103,7 @@ def test_prefix_as_past_equals_attention_over_prefix_and_real_keys_f64(small_cfg
     positions = torch.arange(P, P + T)
     cos, sin = rope_cos_sin(positions.expand(B, T), hd, small_cfg.rope_theta)
     mask = Transformer.build_mask(B, T, P, None, x.device)
-    out, (k_all, v_all) = attention(x, cos.double(), sin.double(), mask, (prefix_k, prefix_v))
+    out, (k_all, v_all) = attention(x, (cos.double(), sin.double()), mask, (prefix_k, prefix_v))
     assert k_all.shape == (B, G, P + T, hd) and torch.equal(k_all[:, :, :P], prefix_k)
 
     wq, wk, wv, wo = (attention.wq.weight.detach(), attention.wk.weight.detach(),

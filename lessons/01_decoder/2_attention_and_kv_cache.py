@@ -113,8 +113,8 @@ check("prefill 3 + 4 single steps with the cache == one full forward", increment
 k0, v0 = cache[0]
 layer0 = model.layers[0]
 positions = torch.arange(7).expand(2, 7)
-cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta)
-_, rotated_k, plain_v = layer0.attention.project(layer0.attention_norm(model.tok_embeddings(tokens)), cos, sin)
+rotation = rope_cos_sin(positions, hd, cfg.rope_theta)                 # (cos, sin)
+_, rotated_k, plain_v = layer0.attention.project(layer0.attention_norm(model.tok_embeddings(tokens)), rotation)
 check("the cache stores keys after RoPE (layer 0: RoPE(W_k RMSNorm(E[tokens])))", k0, rotated_k, 1e-5)
 check("... and values as they are", v0, plain_v, 1e-5)
 print(f"   cache: {len(cache)} layers, each k and v of shape {tuple(k0.shape)} = (B, G, S, hd)")

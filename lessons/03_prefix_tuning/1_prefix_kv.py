@@ -62,8 +62,8 @@ print("    its keys and values in each layer are free instead of computed from t
 # The same through the library's attention: P extra keys and values, exactly as given.
 layer = base.layers[0].attention
 x = torch.randn(1, 5, cfg.dim)
-cos, sin = rope_cos_sin(torch.arange(P, P + 5)[None], hd, cfg.rope_theta)   # real tokens at positions P..P+n-1
-q_r, k_r, v_r = layer.project(x, cos, sin)                           # (1, H, n, hd), (1, G, n, hd) x2
+rotation = rope_cos_sin(torch.arange(P, P + 5)[None], hd, cfg.rope_theta)  # real tokens at positions P..P+n-1
+q_r, k_r, v_r = layer.project(x, rotation)                           # (1, H, n, hd), (1, G, n, hd) x2
 prefix_k, prefix_v = torch.randn(1, G, P, hd), torch.randn(1, G, P, hd)
 mask = Transformer.build_mask(1, 5, P, None, x.device)              # every query sees every prefix slot
 library = layer.attend(q_r, torch.cat([prefix_k, k_r], 2), torch.cat([prefix_v, v_r], 2), mask)

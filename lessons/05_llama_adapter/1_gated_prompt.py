@@ -67,8 +67,8 @@ with torch.no_grad():
     layer.adapter_gate.copy_(torch.tensor([0.5, -1.0, 2.0, 0.1]))
 W = {name: getattr(layer, name).weight.detach().double() for name in ("wq", "wk", "wv", "wo")}
 x = torch.randn(2, 6, cfg.dim, dtype=torch.float64)
-cos, sin = rope_cos_sin(torch.arange(6).expand(2, 6), hd, cfg.rope_theta)
-got, _ = layer(x.float(), cos, sin, None)
+rotation = rope_cos_sin(torch.arange(6).expand(2, 6), hd, cfg.rope_theta)   # (cos, sin)
+got, _ = layer(x.float(), rotation, None)
 gate = torch.tanh(layer.adapter_gate.detach().double())
 check("GatedAdapterPrompt == float64 formula (gate tanh(g))", got,
       adapted_attention_float64(x, W, layer.adapter_prompt.detach().double(), gate), 1e-5)
@@ -89,7 +89,7 @@ grads = {}
 for kind in ("tanh", "plain"):
     torch.manual_seed(1)                                            # the same prompt for both gate kinds
     fresh = GatedAdapterPrompt(copy.deepcopy(base.layers[0].attention), prompt_len=K, gate=kind)
-    out, _ = fresh(x.float(), cos, sin, None)
+    out, _ = fresh(x.float(), rotation, None)
     (out * U.float()).sum().backward()
     grads[kind] = (fresh.adapter_gate.grad.clone(), fresh.adapter_prompt.grad.clone(), fresh)
 prompt64 = grads["tanh"][2].adapter_prompt.detach().double().requires_grad_(True)
@@ -103,7 +103,7 @@ fresh = grads["tanh"][2]
 with torch.no_grad():                                               # one SGD step: only g can move
     fresh.adapter_gate -= 0.01 * fresh.adapter_gate.grad
 fresh.zero_grad()
-out, _ = fresh(x.float(), cos, sin, None)
+out, _ = fresh(x.float(), rotation, None)
 (out * U.float()).sum().backward()
 prompt64.grad = None
 (adapted_attention_float64(x, W, prompt64, torch.tanh(fresh.adapter_gate.detach().double())) * U).sum().backward()
@@ -117,8 +117,8 @@ print("4. The prompt enters keys and values only: queries, real keys and the KV 
 with torch.no_grad():
     for g in gates:
         g.copy_(torch.randn(H))                                     # a "trained" state
-q_base, k_base, v_base = base.layers[2].attention.project(x.float(), cos, sin)
-q_adap, k_adap, v_adap = model.base.layers[2].attention.project(x.float(), cos, sin)
+q_base, k_base, v_base = base.layers[2].attention.project(x.float(), rotation)
+q_adap, k_adap, v_adap = model.base.layers[2].attention.project(x.float(), rotation)
 check("the adapted layer's queries and real keys/values == the base layer's", torch.cat(
     [q_adap.flatten(), k_adap.flatten(), v_adap.flatten()]), torch.cat([q_base.flatten(), k_base.flatten(),
                                                                         v_base.flatten()]), 0)

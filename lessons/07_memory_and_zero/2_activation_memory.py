@@ -57,8 +57,8 @@ print(f"tiny bf16 model: d={cfg.dim}, f={cfg.ffn_hidden_dim}, H={cfg.n_heads}, G
 print("1. One block, all weights trainable: 26 d + 8 f + 4 H + 8 bytes per token (+ 4 hd for cos/sin)")
 block = model.layers[0]
 hidden = torch.randn(B, T, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
-cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), cfg.head_dim, cfg.rope_theta)
-measured = saved_bytes(lambda: block(hidden, cos, sin, None), block.parameters()) / tokens
+rotation = rope_cos_sin(torch.arange(T).expand(B, T), cfg.head_dim, cfg.rope_theta)   # (cos, sin)
+measured = saved_bytes(lambda: block(hidden, rotation, None), block.parameters()) / tokens
 formula = block_activation_bytes_per_token(cfg) + rope_table_bytes_per_token(cfg)
 print(f"   measured {measured:.0f} bytes per token, formula {formula}")
 check("measured / formula within 10%", measured / formula, 1.0, 0.10)
@@ -66,7 +66,7 @@ check("measured / formula within 10%", measured / formula, 1.0, 0.10)
 print("2. The same block frozen (PEFT: gradients pass through, no weight gradients): 16 d + 6 f + 4 H + 8")
 for p in block.parameters():
     p.requires_grad_(False)
-measured_frozen = saved_bytes(lambda: block(hidden, cos, sin, None), block.parameters()) / tokens
+measured_frozen = saved_bytes(lambda: block(hidden, rotation, None), block.parameters()) / tokens
 formula_frozen = block_activation_bytes_per_token(cfg, trainable_weights=False) + rope_table_bytes_per_token(cfg)
 print(f"   measured {measured_frozen:.0f} bytes per token, formula {formula_frozen}")
 check("measured / formula within 10%", measured_frozen / formula_frozen, 1.0, 0.10)

@@ -89,11 +89,11 @@ print(f"   alpha = sqrt(2 * 28) = {GLM_ALPHA:.4f} for every depth: the original'
 print("   default 28 (this model has 2 layers; the paper's sqrt(2 L) would give 2.0)")
 check("alpha", GLM_ALPHA, math.sqrt(56), 0.0)
 block, h = model.layers[0], torch.randn(1, 8, cfg.dim, dtype=torch.float64)
-cos, sin = glm_rope_cos_sin(pos, hd, torch.float64)
+rotation = glm_rope_cos_sin(pos, hd, torch.float64)   # (cos, sin)
 with torch.no_grad():
-    got, _ = block(h, cos, sin, mask[None, None])
+    got, _ = block(h, rotation, mask[None, None])
     x_in = F.layer_norm(h, (cfg.dim,), block.attention_norm.weight, block.attention_norm.bias, 1e-5)
-    h_mid = math.sqrt(56) * x_in + block.attention(x_in, cos, sin, mask[None, None])[0]
+    h_mid = math.sqrt(56) * x_in + block.attention(x_in, rotation, mask[None, None])[0]
     x_mid = F.layer_norm(h_mid, (cfg.dim,), block.ffn_norm.weight, block.ffn_norm.bias, 1e-5)
     want = math.sqrt(56) * x_mid + block.feed_forward(x_mid)
 check("block(h) == the two GLM residual lines", got, want, 1e-12)

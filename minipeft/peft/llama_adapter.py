@@ -5,12 +5,12 @@ G = n_kv_heads, hd = head_dim.
 
 In each adapted layer, with the layer's own frozen projections wq, wk, wv, wo:
 
-    q, k, v     = attention.project(x)            (B,H,T,hd) rotated, (B,G,S,hd) rotated, (B,G,S,hd)
+    q, k, v     = attention.project(x, rotation)  (B,H,T,hd) rotated, (B,G,S,hd) rotated, (B,G,S,hd)
     A           = softmax(q k^T / sqrt(hd) + mask) v                   (B, H, T, hd)   the normal attention
     P           = adapter_prompt                                       (K, d)          trainable
     k_p, v_p    = wk(P), wv(P) viewed as (G, K, hd), NOT rotated, each repeated H/G times -> (H, K, hd),
-                  shared by every row of the batch (computed by the layer's own `project` with the identity
-                  rotation, so ChatGLM-6B's fused wqkv and ChatGLM2's biases project the prompt as they do x)
+                  shared by every row of the batch (computed by the layer's own `project` with rotation=None,
+                  so ChatGLM-6B's fused wqkv and ChatGLM2's biases project the prompt as they do x)
     A_p         = softmax(q k_p^T / sqrt(hd)) v_p  (softmax in float32) (B, H, T, hd)
     out         = wo( A + gate[h] * A_p )          gate = tanh(adapter_gate) (default) or adapter_gate
                                                    ("plain", as lit-llama / peft), adapter_gate (H,) zeros
@@ -45,7 +45,6 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from ..bloom import BloomAttention
 from .config import GATE_KINDS, LlamaAdapterConfig, PeftConfigError  # noqa: F401  (GATE_KINDS: the gate forms)
 
 
@@ -55,8 +54,8 @@ class GatedAdapterPrompt(nn.Module):
     The wrapped attention's whole state is adopted (its sub-modules, parameters, buffers and attributes: wq/wk/wv/wo
     or ChatGLM's wqkv/wo, n_heads, ChatGLM's score_scale, ...), so parameter names stay `attention.wq.weight`, ...
     and base checkpoints load unchanged, and its class's own `forward` / `project` / `attend` run on that state: any
-    family's attention works (families.py: every attention exposes project / attend). Only `attend` adds the prompt
-    term. Same call signature and cache as the wrapped attention."""
+    family's attention works (attention_seam.py: every attention exposes project / attend). Only `attend` adds the
+    prompt term. Same call signature and cache as the wrapped attention."""
 
     def __init__(self, attention: nn.Module, prompt_len: int, gate: str = "tanh", init_std: float = 1.0):
         super().__init__()
@@ -83,15 +82,12 @@ class GatedAdapterPrompt(nn.Module):
 
     def prompt_attention(self, q: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, hd) rotated queries -> gate * softmax(q k_p^T / sqrt(hd)) v_p, (B, H, T, hd) in q's dtype.
-        k_p, v_p come from the layer's own `project` with the identity rotation (cos 1, sin 0: exact), so a fused
-        wqkv (ChatGLM-6B) or biases (ChatGLM2) are handled as the layer handles them."""
-        K, hd = self.prompt_len, self.head_dim
+        k_p, v_p come from the layer's own `project` with rotation=None (the seam's position-free projection,
+        attention_seam.py), so a fused wqkv (ChatGLM-6B, BLOOM) or biases (ChatGLM2) are handled as the layer
+        handles them, and no family is named here."""
+        hd = self.head_dim
         prompt = self.adapter_prompt.to(self.wo.weight.dtype)[None]                     # (1, K, d)
-        if issubclass(self.attention_class, BloomAttention):                         # ALiBi: keys carry no position
-            _, prompt_k, prompt_v = self.project(prompt)                               # (1, H, K, hd)
-        else:
-            cos = torch.ones(1, 1, K, hd // 2, device=prompt.device, dtype=prompt.dtype)   # identity rotation
-            _, prompt_k, prompt_v = self.project(prompt, cos, torch.zeros_like(cos))   # (1, G, K, hd), no RoPE
+        _, prompt_k, prompt_v = self.project(prompt, rotation=None)                     # (1, G, K, hd), no RoPE
         repeats = self.n_heads // prompt_k.shape[1]
         prompt_k = prompt_k[0].repeat_interleave(repeats, dim=0).float()               # (H, K, hd)
         prompt_v = prompt_v[0].repeat_interleave(repeats, dim=0).float()               # (H, K, hd)
@@ -100,9 +96,14 @@ class GatedAdapterPrompt(nn.Module):
         gated = probs * self.gate_values().float().view(1, -1, 1, 1)                   # (B, H, T, K)
         return (gated @ prompt_v).to(q.dtype)                                          # (B, H, T, hd)
 
-    def project(self, *args):
+    @property
+    def qkv_layout(self):
+        """The wrapped attention's QKVLayout (a class attribute, so not in the adopted state)."""
+        return self.attention_class.qkv_layout
+
+    def project(self, x, rotation=None):
         """The wrapped attention's projections (and rotation), unchanged."""
-        return self.attention_class.project(self, *args)
+        return self.attention_class.project(self, x, rotation)
 
     def attend(self, q, k, v, mask):
         """The layer's own attention plus the gated prompt term, (B, H, T, hd); the wrapped class's forward does
