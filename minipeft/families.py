@@ -40,12 +40,12 @@ register_family(Family(          # ChatGLM2-6B: model.py with cfg.qkv_bias and c
     tokenizer_may_be_smaller=True, hf=HF_CHATGLM, formulas=ROPE_SWIGLU))
 register_family(Family(
     "chatglm", chatglm.ChatGLM, ChatGLMTokenizer, CHATGLM_6B, check_config=chatglm.check_config,
-    default_lora_targets=("wqkv",), tokenizer_may_be_smaller=True, hf=HF_CHATGLM,
+    qkv_layout=chatglm.Attention.qkv_layout, tokenizer_may_be_smaller=True, hf=HF_CHATGLM,
     formulas=FamilyFormulas(linear_shapes=memory.fused_qkv_linear_shapes, gated_mlp=False,
                             position_bytes_per_token=memory.rope_bytes_per_token)))   # Psi: counted on meta
 register_family(Family(
     "bloom", bloom.Bloom, ByteLevelBPETokenizer, ALPACA, check_config=bloom.check_config,
-    default_lora_targets=("wqkv",), tokenizer_may_be_smaller=True, hf=HF_BLOOM,
+    qkv_layout=bloom.BloomAttention.qkv_layout, tokenizer_may_be_smaller=True, hf=HF_BLOOM,
     hf_names=HFNames(bloom_module_to_hf),
     formulas=FamilyFormulas(linear_shapes=memory.fused_qkv_linear_shapes, gated_mlp=False,
                             position_bytes_per_token=memory.alibi_bytes_per_token,

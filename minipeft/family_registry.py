@@ -14,14 +14,16 @@ A record (the built-in four are in families.py; a new family registers its own f
     prompt_format             how an Alpaca record is rendered for this family (prompts.PromptFormat)
     check_config              ModelConfig -> None: the decoder's own checks of the config fields (and the defaults
                               only it knows, e.g. BLOOM's 4 d MLP); ModelConfig.__post_init__ calls it
-    default_lora_targets      what LoRAConfig's default ("wq", "wv": query and value) means here (a fused wqkv)
+    qkv_layout                where the attention's q/k/v projections live (attention_seam.QKVLayout: wq, wk, wv
+                              or one fused wqkv, per head [q, k, v]); it decides `default_lora_targets`, what
+                              LoRAConfig's default ("wq", "wv": query and value) means here (wqkv when fused)
     tokenizer_may_be_smaller  may the embedding have more rows than the tokenizer has pieces (padded vocabularies)?
     hf                        reading a Hugging Face folder of this family (checkpoint.readers.HFFamily), or None
     hf_names                  writing LoRA for Hugging Face peft (peft/hf_export.py: HFNames), or None
     formulas                  the closed forms memory.py evaluates (FamilyFormulas), or None (then counted on the
                               meta device)
 
-This module is at the bottom of the package (it imports nothing from it), so the config, the checkpoint
+This module is at the bottom of the package (it imports only attention_seam), so the config, the checkpoint
 readers, the data pipeline and memory.py can all look families up.
 """
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
+
+from .attention_seam import SEPARATE_QKV, QKVLayout
 
 
 class FamilyError(ValueError):
@@ -63,11 +67,16 @@ class Family:
     tokenizer: Callable
     prompt_format: object
     check_config: Callable = _no_checks
-    default_lora_targets: Tuple[str, ...] = ("wq", "wv")
+    qkv_layout: QKVLayout = SEPARATE_QKV
     tokenizer_may_be_smaller: bool = False
     hf: Optional[object] = None
     hf_names: Optional[HFNames] = None
     formulas: Optional[FamilyFormulas] = None
+
+    @property
+    def default_lora_targets(self) -> Tuple[str, ...]:
+        """The query and value projections, which LoRA targets by default (Hu et al.; peft's default)."""
+        return ("wqkv",) if self.qkv_layout.fused else ("wq", "wv")
 
 
 FAMILIES: Dict[str, Family] = {}
