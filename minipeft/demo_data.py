@@ -1,6 +1,7 @@
-"""Generate the demo instruction data the package ships: bilingual tasks whose answers can be checked exactly.
+"""The demo instruction data the package ships (minipeft/assets/demo_data/): bilingual tasks whose answers can be
+checked exactly, their generator, and TASKS (each task's one instruction, by which the comparison scores per task).
 
-    PYTHONPATH=. python tools/make_demo_data.py --out minipeft/assets/demo_data --seed 0
+    python tools/make_demo_data.py --out minipeft/assets/demo_data --seed 0      (its command line)
 
 Every record is Alpaca-format {"instruction", "input", "output"}; each task uses one fixed instruction, so
 the task of a record can be read off its instruction (TASKS below). The answers are short (1 to ~8 tokens)
@@ -22,7 +23,6 @@ held-out question appears in the training set. The same seed gives byte-identica
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -178,20 +178,11 @@ def write_json(path: Path, records) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Generate the bilingual demo instruction data (train.json, heldout.json).")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "minipeft" / "assets" / "demo_data")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-size", type=int, default=1600)
-    ap.add_argument("--heldout-size", type=int, default=160)
-    args = ap.parse_args(argv)
-    train, heldout = generate(args.seed, args.train_size, args.heldout_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "train.json", train)
-    write_json(args.out / "heldout.json", heldout)
-    print(f"wrote {len(train)} training and {len(heldout)} held-out records to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def write_demo_data(out: Path, seed: int = 0, train_size: int = 1600, heldout_size: int = 160):
+    """generate() into out/train.json and out/heldout.json; -> (training records, held-out records)."""
+    train, heldout = generate(seed, train_size, heldout_size)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train.json", train)
+    write_json(out / "heldout.json", heldout)
+    return train, heldout
