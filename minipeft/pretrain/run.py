@@ -1,17 +1,13 @@
-"""Pretrain the tiny bases the package ships: a tokenizer of the family's own kind, then a small decoder.
+"""The pretraining run of tools/pretrain_tiny.py (pretrain(args)): a tokenizer of the family's own kind, then a
+small decoder, trained from scratch or further from a checkpoint (--init-from, Chinese-LLaMA's way).
 
-    PYTHONPATH=. python tools/pretrain_tiny.py --corpus ../shared/data/shakespeare.txt \
-        --corpus ../shared/data/kjv.txt --corpus ../shared/data/tang_song_poems_zh.txt:0.15 --out runs/tiny
-    ... --family bloom     (or chatglm): the same run for a BLOOM- or ChatGLM-6B-style model
-    ... --init-from FOLDER --corpus zh.txt --out runs/x: further pretraining of a checkpoint (Chinese-LLaMA's way)
-
-Steps:
- (a) tokenizer (tools/tiny_tokenizers.py): SentencePiece as LLaMA's (llama), SentencePiece with GLM's special
-     pieces (chatglm) or byte-level BPE as BLOOM's (bloom), trained on the training part of the corpus with small
-     files repeated so every file has a say (--tokenizer-min-share). --tokenizer or --init-from bring their own.
- (b) model: each file's last --val-fraction is held out (tools/pretrain_corpus.py). A training sample picks a
-     file with the weight given after ':' in --corpus (default: proportional to its token count), then a random
-     window of its tokens, laid out as the family's fine-tuning examples are ([bos] + w[:-1] -> w for llama and
+ (a) tokenizer (tokenizer_training.py; the family's trainer and file: family_recipes.py): SentencePiece as
+     LLaMA's (llama), SentencePiece with GLM's special pieces (chatglm) or byte-level BPE as BLOOM's (bloom),
+     trained on the training part of the corpus with small files repeated so every file has a say
+     (--tokenizer-min-share). --tokenizer or --init-from bring their own.
+ (b) model: each file's last --val-fraction is held out (corpus.py). A training sample picks a file with the
+     weight given after ':' in --corpus (default: proportional to its token count), then a random window of its
+     tokens, laid out as the family's fine-tuning examples are (samples.py: [bos] + w[:-1] -> w for llama and
      bloom; w[:k] [gMASK] <sop> w[k:-1] -> w[k:] for chatglm):
 
          loss = mean over scored t of  -log softmax(model(inputs))[t, targets[t]]
@@ -23,14 +19,13 @@ Steps:
      slice of held-out text) and the checkpoint folder --name (default tiny-<family>; our format, fp16).
 
 Perplexity of a text (metrics.json, tests/test_assets.py): encode the text without marks, cut the ids into
-consecutive chunks, score each as a sample with no context (pretrain_corpus.SampleLayout.chunk_examples), and
-take exp(total negative log-likelihood / scored tokens); nats per character divides the same total by the
-text's characters, which compares models whose tokenizers differ (Chinese-LLaMA's extended vocabulary).
+consecutive chunks, score each as a sample with no context (samples.SampleLayout.chunk_examples), and take
+exp(total negative log-likelihood / scored tokens); nats per character divides the same total by the text's
+characters, which compares models whose tokenizers differ (Chinese-LLaMA's extended vocabulary).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,21 +37,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from minipeft.config import ModelConfig  # noqa: E402
-from minipeft.families import build_model, tokenizer_for  # noqa: E402
-from minipeft.fileio import write_atomic, write_text_atomic  # noqa: E402
-from pretrain_corpus import (IGNORE, PretrainError, SampleLayout, first_lines, mean_nll, parse_corpus_arg,  # noqa: E402
-                             read_corpus_text, split_train_val, total_nll)
-from tiny_tokenizers import TOKENIZER_FILE, TokenizerTrainingError, train_family_tokenizer  # noqa: E402
-
-FAMILY_TITLES = {"llama": "LLaMA", "bloom": "BLOOM", "chatglm": "ChatGLM-6B"}
-# The shape of each family's tiny model when no shape flag is given (the tiny LLaMA's dim, layers and heads;
-# each family's own MLP rule: LLaMA's SwiGLU hidden size from multiple_of, BLOOM's and GLM's 4 * dim).
-SHAPE_DEFAULTS = {"dim": 192, "n_layers": 4, "n_heads": 6, "n_kv_heads": 3, "multiple_of": 32}
-SHAPE_FLAGS = tuple(SHAPE_DEFAULTS) + ("vocab_size",)
+from ..config import ModelConfig
+from ..families import build_model, tokenizer_for
+from ..fileio import write_atomic, write_text_atomic
+from .corpus import PretrainError, first_lines, parse_corpus_arg, read_corpus_text, split_train_val
+from .family_recipes import SHAPE_FLAGS, model_config, pretrain_family, train_family_tokenizer
+from .samples import IGNORE, SampleLayout, mean_nll, total_nll
+from .tokenizer_training import TokenizerTrainingError
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
@@ -102,72 +89,14 @@ def plot_losses(history, path: Path, title: str) -> None:
 
 def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path: Path) -> None:
     """Our checkpoint folder (config.json + model.safetensors + the tokenizer file) in fp16."""
-    from minipeft.checkpoint import save_model
+    from ..checkpoint import save_model
     save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16,
                overwrite=True)                       # this run's own folder, re-saved at each checkpoint
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", action="append", required=True,
-                    help="plain-text (or Alpaca .json) file, optionally path:weight for its sampling weight (repeat)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--overwrite", action="store_true", help="start afresh in an --out folder that already holds files")
-    ap.add_argument("--family", choices=tuple(FAMILY_TITLES), default=None,
-                    help="the model and tokenizer kind (default llama, or the --init-from folder's)")
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="continue pretraining this checkpoint folder (its config and tokenizer; no shape flags)")
-    ap.add_argument("--name", default=None, help="name of the checkpoint folder written in --out (default tiny-<family>)")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--vocab-size", type=int, default=None, help="tokenizer pieces (default 4096)")
-    ap.add_argument("--dim", type=int, default=None, help=f"default {SHAPE_DEFAULTS['dim']}")
-    ap.add_argument("--n-layers", type=int, default=None, help=f"default {SHAPE_DEFAULTS['n_layers']}")
-    ap.add_argument("--n-heads", type=int, default=None, help=f"default {SHAPE_DEFAULTS['n_heads']}")
-    ap.add_argument("--n-kv-heads", type=int, default=None,
-                    help=f"llama: default {SHAPE_DEFAULTS['n_kv_heads']}; bloom and chatglm have none (= --n-heads)")
-    ap.add_argument("--multiple-of", type=int, default=None, help=f"llama's MLP rounding, default {SHAPE_DEFAULTS['multiple_of']}")
-    ap.add_argument("--max-seq-len", type=int, default=512, help="max_seq_len written into the config")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--resume", type=Path, default=None, help="a train_state.pt written by an earlier run")
-    ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--val-fraction", type=float, default=0.015)
-    ap.add_argument("--val-windows", type=int, default=8, help="held-out windows per file for the periodic val loss")
-    ap.add_argument("--val-text-chars", type=int, default=1500, help="characters per file in val_text.txt")
-    ap.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer file instead of training one")
-    ap.add_argument("--tokenizer-min-share", type=float, default=0.01)
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and finish normally) after this long")
-    ap.add_argument("--stop-at-step", type=int, default=None,
-                    help="stop at this step (the schedule still follows --steps); to try out --resume")
-    return ap
-
-
-def model_config(family: str, args, tok) -> ModelConfig:
-    """The tiny model of `family` from the shape flags (SHAPE_DEFAULTS where not given) and the tokenizer."""
-    shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SHAPE_DEFAULTS.items()}
-    common = dict(dim=shape["dim"], n_layers=shape["n_layers"], n_heads=shape["n_heads"], vocab_size=tok.vocab_size,
-                  norm_eps=1e-5, max_seq_len=args.max_seq_len)
-    if family == "llama":
-        return ModelConfig(**common, n_kv_heads=shape["n_kv_heads"], multiple_of=shape["multiple_of"])
-    if args.n_kv_heads not in (None, shape["n_heads"]) or args.multiple_of is not None:
-        raise PretrainError(f"--family {family}: --n-kv-heads and --multiple-of are LLaMA's; {family} has one key/value "
-                            "head per query head and an MLP of 4 * dim")
-    if family == "bloom":
-        return ModelConfig(**common, family="bloom", n_kv_heads=shape["n_heads"])
-    return ModelConfig(**common, family="chatglm", n_kv_heads=shape["n_heads"], ffn_hidden_dim=4 * shape["dim"],
-                       qkv_bias=True, mask_id=tok.mask_id, gmask_id=tok.gmask_id, sop_id=tok.sop_id)
-
-
-def main(argv=None) -> int:
-    args = build_arg_parser().parse_args(argv)
+def pretrain(args, argv=None) -> int:
+    """The whole run for the parsed flags (cli.build_arg_parser); argv is recorded in metrics.json (default
+    sys.argv[1:]). PretrainError, naming the flag or file, for what cannot work."""
     if args.seq_len > args.max_seq_len:
         raise PretrainError(f"--seq-len {args.seq_len} exceeds --max-seq-len {args.max_seq_len}")
     torch.set_num_threads(args.threads)
@@ -180,8 +109,8 @@ def main(argv=None) -> int:
         given = [f"--{k.replace('_', '-')}" for k in SHAPE_FLAGS if getattr(args, k) is not None]
         if given:
             raise PretrainError(f"--init-from {args.init_from}: the folder fixes the model's shape; drop {', '.join(given)}")
-        from minipeft.checkpoint import CheckpointError, load_model
-        from minipeft.checkpoint.files import folder_tokenizer
+        from ..checkpoint import CheckpointError, load_model
+        from ..checkpoint.files import folder_tokenizer
         try:
             initial_model = load_model(args.init_from, dtype=torch.float32)
         except (CheckpointError, OSError, ValueError) as err:
@@ -192,7 +121,8 @@ def main(argv=None) -> int:
         if args.tokenizer is None:
             raise PretrainError(f"--init-from {args.init_from}: the folder has no tokenizer; pass --tokenizer")
     family = initial_model.config.family if initial_model is not None else (args.family or "llama")
-    title = f"tiny {FAMILY_TITLES.get(family, family)}"
+    recipe = pretrain_family(family)
+    title = f"tiny {recipe.title}"
     model_dir = out / (args.name or f"tiny-{family}")
     if out.is_dir() and any(out.iterdir()) and args.resume is None:
         if not args.overwrite:
@@ -211,7 +141,7 @@ def main(argv=None) -> int:
 
     # ---- (a) tokenizer ----
     vocab_size = args.vocab_size or 4096
-    tokenizer_path = out / TOKENIZER_FILE[family]
+    tokenizer_path = out / recipe.tokenizer_file
     if args.tokenizer is not None:
         tokenizer_path = Path(args.tokenizer)
     elif not tokenizer_path.exists():
@@ -395,10 +325,3 @@ def main(argv=None) -> int:
           f"val_text perplexity {ppl:.1f} ({start_kind.replace('_', ' ')} {start['val_text_perplexity']:.1f}) "
           f"-> {model_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except PretrainError as err:
-        sys.exit(f"error: {err}")
