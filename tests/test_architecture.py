@@ -94,13 +94,38 @@ def test_no_import_cycle_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The code of the tools (the comparison, pretraining) sits on top: it may import minipeft.train and minipeft.peft,
+# and nothing else in the package imports it.
+TOOL_PACKAGES = ("minipeft.compare", "minipeft.pretrain")
+
+
 def test_dependencies_flow_one_way():
     graph = import_graph()
     for name, imported in graph.items():
+        if name.startswith(TOOL_PACKAGES):
+            continue
+        assert not any(t.startswith(TOOL_PACKAGES) for t in imported), name
         if name.startswith("minipeft.peft"):
             assert not any(t.startswith("minipeft.train") for t in imported), name
         if not name.startswith(("minipeft.train", "minipeft.peft")) and name != "minipeft":
             assert not any(t.startswith(("minipeft.train", "minipeft.peft")) for t in imported), name
+
+
+def test_the_package_imports_nothing_from_tools_or_lessons():
+    """tools/ and lessons/ are not packages: importing one of their modules works only through a sys.path edit,
+    and the package makes none."""
+    scripts = {p.stem for folder in ("tools", "lessons") for p in (PACKAGE.parent / folder).rglob("*.py")}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                names = []
+            assert not [n for n in names if n.split(".")[0] in scripts], (str(path), names)
+            is_sys_path = isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys"
+            assert not is_sys_path, f"{path}: edits sys.path"
 
 
 def test_file_sizes():

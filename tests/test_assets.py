@@ -6,12 +6,11 @@ scratch: the ids are cut into consecutive chunks of at most 256 tokens, each chu
 [bos] + c[:-1] -> c, perplexity = exp(total NLL / number of scored tokens), accumulated in float64.
 It must match the number recorded at pretraining time and be far below a random model's.
 
-The demo data answers are recomputed with code written independently of tools/make_demo_data.py.
+The demo data answers are recomputed with code written independently of minipeft/demo_data.py.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -27,7 +26,6 @@ from minipeft.config import ModelConfig
 from minipeft.model import Transformer
 from minipeft.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 ASSETS = minipeft.assets_dir()
 MODEL_DIR = ASSETS / "tiny-llama"
 DATA_DIR = ASSETS / "demo_data"
@@ -131,10 +129,8 @@ def load_records(name):
 
 
 def import_generator():
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "tools" / "make_demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from minipeft import demo_data       # tools/make_demo_data.py's generator
+    return demo_data
 
 
 # Independent conversion: read the number in groups of place values from a table.
@@ -260,9 +256,9 @@ def test_train_and_heldout_are_disjoint():
 
 def test_generator_is_deterministic_and_made_the_shipped_files(tmp_path):
     generator = import_generator()
-    generator.main(["--out", str(tmp_path), "--seed", "0"])
+    generator.write_demo_data(tmp_path, seed=0)
     for name in ("train.json", "heldout.json"):
         assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
     other = tmp_path / "seed1"
-    generator.main(["--out", str(other), "--seed", "1"])
+    generator.write_demo_data(other, seed=1)
     assert (other / "train.json").read_bytes() != (DATA_DIR / "train.json").read_bytes()

@@ -1,4 +1,4 @@
-"""tools/compare_methods.py --bases end to end on tiny random models of all four kinds (LLaMA, a LLaMA with an
+"""tools/compare_methods.py --bases (minipeft.compare) end to end on tiny random models of all four kinds (LLaMA, a LLaMA with an
 extended Chinese vocabulary, ChatGLM-6B, BLOOM), the six methods, a two-rate sweep on every base.
 
 Checks, each against numbers computed here: every base x method has finite numbers and its trainable count is
@@ -18,13 +18,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))          # for extend_vocab
 from helpers_bloom import make_bloom_workspace  # noqa: E402
 from helpers_chatglm import train_chatglm_sentencepiece  # noqa: E402
 from train_helpers import INIT_STD, MAX_SEQ_LEN, make_workspace  # noqa: E402
 
-import compare_methods  # noqa: E402
 import extend_vocab  # noqa: E402
+from minipeft.compare import main as compare_main, title  # noqa: E402
 from minipeft.checkpoint import load_model  # noqa: E402
 from minipeft.peft import apply_peft  # noqa: E402
 from minipeft.train import TrainConfig, peft_config_from  # noqa: E402
@@ -84,7 +84,7 @@ def compare(bases, out, *extra):
             "--out", str(out), *extra]
     for method in METHODS:
         argv += ["--sweep-lrs", f"{method}=1e-2,1e-1"]
-    assert compare_methods.main(argv) == 0
+    assert compare_main(argv) == 0
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
@@ -140,7 +140,7 @@ def test_tables_and_side_by_side(run):
     generations = (out / "generations.md").read_text(encoding="utf-8")
     for label in FAMILIES:
         for method in METHODS:
-            assert f"| {label} | {compare_methods.METHOD_TITLES[method]} |" in markdown
+            assert f"| {label} | {title(method)} |" in markdown
         assert f"| {label} |" in generations
         assert (out / label / "results.json").is_file() and (out / label / "loss_curves.png").is_file()
     assert (out / "loss_curves.png").stat().st_size > 10_000

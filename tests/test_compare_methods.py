@@ -1,4 +1,5 @@
-"""tools/compare_methods.py end to end on a tiny random model (train_helpers' workspace), 2-3 steps per method.
+"""tools/compare_methods.py (minipeft.compare) end to end on a tiny random model (train_helpers' workspace), 2-3
+steps per method.
 
 Checks: every method is in the JSON and the Markdown table with finite numbers; each method's trainable count
 equals apply_peft's report on a fresh copy of the base, and its closed form (minipeft.memory); the shared token
@@ -17,10 +18,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
-import compare_methods  # noqa: E402
+from minipeft import compare  # noqa: E402
 from minipeft.checkpoint import load_model  # noqa: E402
 from minipeft.peft import apply_peft  # noqa: E402
 from minipeft.train import TrainConfig, peft_config_from  # noqa: E402
@@ -40,7 +40,7 @@ def run(tmp_path_factory):
             "--out", str(out)]
     for method in METHODS:
         argv += ["--sweep-lrs", f"{method}=1e-2,1e-1"]
-    assert compare_methods.main(argv) == 0
+    assert compare.main(argv) == 0
     return ws, out, json.loads((out / "results.json").read_text())
 
 
@@ -55,7 +55,7 @@ def test_every_method_has_finite_numbers(run):
             assert r[key] is not None and math.isfinite(r[key]), f"{method}: {key} = {r[key]}"
         assert 0.0 <= r["exact_match"] <= 1.0 and r["peak_memory_bytes"] > 0
         assert r["best_val_loss"] == min(v for _, v in r["curves"]["val"][1:])
-        assert compare_methods.METHOD_TITLES[method] in table
+        assert compare.title(method) in table
     assert (out / "loss_curves.png").stat().st_size > 1000
 
 
@@ -107,18 +107,18 @@ def test_7b_table_against_hand_formulas(run):
 
 
 def test_bad_flags_give_clear_errors(capsys, tmp_path):
-    assert compare_methods.main(["--methods", "lora,bogus", "--out", str(tmp_path)]) == 2
+    assert compare.main(["--methods", "lora,bogus", "--out", str(tmp_path)]) == 2
     assert "--methods" in capsys.readouterr().err
-    assert compare_methods.main(["--lr", "lora", "--out", str(tmp_path)]) == 2
+    assert compare.main(["--lr", "lora", "--out", str(tmp_path)]) == 2
     assert "METHOD=VALUE" in capsys.readouterr().err
-    assert compare_methods.main(["--lr", "lora=-1", "--out", str(tmp_path)]) == 2
+    assert compare.main(["--lr", "lora=-1", "--out", str(tmp_path)]) == 2
     assert "> 0" in capsys.readouterr().err
-    assert compare_methods.main(["--data", str(tmp_path / "missing.json"), "--base", str(tmp_path),
+    assert compare.main(["--data", str(tmp_path / "missing.json"), "--base", str(tmp_path),
                                  "--out", str(tmp_path)]) == 2
     assert "missing.json" in capsys.readouterr().err
 
 
 def test_lr_flags():
-    assert compare_methods.parse_method_values(["all=1e-4", "prompt=0.1"], "--lr") == {
+    assert compare.parse_method_values(["all=1e-4", "prompt=0.1"], "--lr") == {
         **{m: 1e-4 for m in METHODS}, "prompt": 0.1}
-    assert compare_methods.parse_method_values(["lora=1e-3,3e-3"], "--sweep-lrs", many=True) == {"lora": (1e-3, 3e-3)}
+    assert compare.parse_method_values(["lora=1e-3,3e-3"], "--sweep-lrs", many=True) == {"lora": (1e-3, 3e-3)}

@@ -1,20 +1,15 @@
-"""tools/pretrain_tiny.py on a very small corpus: it writes a loadable checkpoint folder with a LLaMA-style
-tokenizer, the loss falls, and a run stopped and resumed ends with bit-identical weights."""
+"""tools/pretrain_tiny.py (minipeft.pretrain) on a very small corpus: it writes a loadable checkpoint folder with a
+LLaMA-style tokenizer, the loss falls, and a run stopped and resumed ends with bit-identical weights."""
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from minipeft import pretrain
 from minipeft.checkpoint import load_model
 from minipeft.tokenizer import Tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import pretrain_tiny  # noqa: E402
 
 WORDS = "the king said unto them go forth and speak of love and of the night my lord what light is this".split()
 HANZI = "春风明月山水花落人归天地江南夜雨秋云白日长河"
@@ -36,7 +31,7 @@ def run(corpus, out, *extra):
             "--steps", "8", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup", "2",
             "--vocab-size", "320", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-kv-heads", "1",
             "--eval-every", "4", "--save-every", "2", "--seed", "0", *extra]
-    assert pretrain_tiny.main(argv) == 0
+    assert pretrain.main(argv) == 0
 
 
 def test_writes_a_loadable_checkpoint_and_learns(corpus, tmp_path):
@@ -69,8 +64,8 @@ def test_resume_is_bit_identical(corpus, tmp_path):
 
 
 def test_too_small_vocabulary_is_a_clear_error(corpus, tmp_path, capsys):
-    with pytest.raises(pretrain_tiny.PretrainError, match="--vocab-size 40"):
-        pretrain_tiny.main(["--corpus", str(corpus / "en.txt"), "--corpus", str(corpus / "zh.txt"),
+    with pytest.raises(pretrain.PretrainError, match="--vocab-size 40"):
+        pretrain.main(["--corpus", str(corpus / "en.txt"), "--corpus", str(corpus / "zh.txt"),
                             "--out", str(tmp_path / "bad"), "--vocab-size", "40", "--steps", "1"])
 
 
@@ -78,7 +73,7 @@ def test_an_out_folder_with_files_is_not_overwritten(corpus, tmp_path):
     out = tmp_path / "used"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(pretrain_tiny.PretrainError, match=r"--out .*used: already holds files; continue it with --resume"):
+    with pytest.raises(pretrain.PretrainError, match=r"--out .*used: already holds files; continue it with --resume"):
         run(corpus, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     run(corpus, out, "--overwrite")                                   # explicit: starts afresh there
@@ -87,15 +82,14 @@ def test_an_out_folder_with_files_is_not_overwritten(corpus, tmp_path):
 
 def test_glm_sample_layout_by_hand():
     """GLM's prefix LM: context w[:k], [gMASK] <sop>, then the rest; only what follows <sop> is scored."""
-    import pretrain_corpus
-    layout = pretrain_corpus.SampleLayout("chatglm", seq_len=6, bos_id=None, gmask_id=90, sop_id=91)
+    layout = pretrain.SampleLayout("chatglm", seq_len=6, bos_id=None, gmask_id=90, sop_id=91)
     assert layout.window == 5
     inputs, targets = layout.layout(torch.tensor([10, 11, 12, 13, 14]), context=2)
     assert inputs.tolist() == [10, 11, 90, 91, 12, 13]
     assert targets.tolist() == [-100, -100, -100, 12, 13, 14]          # <sop> predicts w[2], ...
     inputs, targets = layout.layout(torch.tensor([10, 11, 12, 13, 14]))  # scoring: no context
     assert inputs.tolist() == [90, 91, 10, 11, 12, 13] and targets.tolist() == [-100, 10, 11, 12, 13, 14]
-    causal = pretrain_corpus.SampleLayout("bloom", seq_len=4, bos_id=1)
+    causal = pretrain.SampleLayout("bloom", seq_len=4, bos_id=1)
     inputs, targets = causal.layout(torch.tensor([10, 11, 12, 13]))
     assert inputs.tolist() == [1, 10, 11, 12] and targets.tolist() == [10, 11, 12, 13]
 
@@ -128,9 +122,9 @@ def test_init_from_continues_a_checkpoint_and_refuses_shape_flags(corpus, tmp_pa
     argv = ["--init-from", str(base), "--corpus", str(corpus / "zh.txt"), "--out", str(tmp_path / "more"),
             "--name", "more", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2", "--warmup", "1",
             "--eval-every", "2", "--save-every", "2"]
-    with pytest.raises(pretrain_tiny.PretrainError, match="--init-from .* drop --dim"):
-        pretrain_tiny.main(argv + ["--dim", "64"])
-    assert pretrain_tiny.main(argv) == 0
+    with pytest.raises(pretrain.PretrainError, match="--init-from .* drop --dim"):
+        pretrain.main(argv + ["--dim", "64"])
+    assert pretrain.main(argv) == 0
     metrics = json.loads((tmp_path / "more" / "metrics.json").read_text())
     start = load_model(base).state_dict()
     after = load_model(tmp_path / "more" / "more").state_dict()

@@ -10,11 +10,8 @@ The folder's tokenizer (tokenizer.model, or BLOOM's tokenizer.json) is copied be
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
-
-from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint  # noqa: E402
+from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint
 
 
 def main(argv=None) -> int:

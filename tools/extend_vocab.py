@@ -20,11 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
-
-from minipeft.fileio import refuse_existing  # noqa: E402
-from minipeft.tokenizer import Tokenizer  # noqa: E402
-from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,  # noqa: E402
+from minipeft.fileio import refuse_existing
+from minipeft.tokenizer import Tokenizer
+from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
                             train_sentencepiece)
 
 

@@ -1,7 +1,7 @@
 """LoRA fine-tuning throughput of a LLaMA-7B-shaped model with random weights: tokens/s, peak memory, MFU.
 
-    PYTHONPATH=. python tools/gpu_lora_bench.py                          # 7B shape on cuda (tools/gpu_check.sh)
-    PYTHONPATH=. python tools/gpu_lora_bench.py --preset tiny --device cpu   # the same code path, tiny
+    python tools/gpu_lora_bench.py                          # 7B shape on cuda (tools/gpu_check.sh)
+    python tools/gpu_lora_bench.py --preset tiny --device cpu   # the same code path, tiny
 
 The model is built on the meta device and materialised directly on the target device with random weights
 (no 7B copy ever exists in float32), the frozen base in bf16 (fp16 for the fp16 phase); LoRA (r=8 on wq, wv)
@@ -27,16 +27,13 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from minipeft.config import ModelConfig  # noqa: E402
-from minipeft.model import Transformer  # noqa: E402
-from minipeft.peft import LoRAConfig, apply_peft  # noqa: E402
+from minipeft.config import ModelConfig
+from minipeft.model import Transformer
+from minipeft.peft import LoRAConfig, apply_peft
 
 PEAK_BF16_TFLOPS = 989.0
 

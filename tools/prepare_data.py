@@ -1,6 +1,6 @@
 """Tokenise an Alpaca-format file once, write the token ids, and print what happened to each record.
 
-    PYTHONPATH=. python tools/prepare_data.py alpaca_data.json --tokenizer checkpoints/llama-7b/tokenizer.model \\
+    python tools/prepare_data.py alpaca_data.json --tokenizer checkpoints/llama-7b/tokenizer.model \\
         --max-seq-len 512 --out data/alpaca.tokenized.jsonl [--val-fraction 0.02]
 
 Input: a JSON list of {"instruction", "input" (optional), "output"} objects, or JSON Lines of them.
@@ -17,10 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split  # noqa: E402
-from minipeft.fileio import refuse_existing  # noqa: E402
+from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split
+from minipeft.fileio import refuse_existing
 
 
 def default_tokenizer() -> str:

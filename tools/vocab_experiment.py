@@ -1,6 +1,6 @@
 """Does extending the vocabulary help a small model on Chinese? Fine-tune with and without the extension.
 
-    PYTHONPATH=. python tools/vocab_experiment.py [--model minipeft/assets/tiny-llama] \\
+    python tools/vocab_experiment.py [--model minipeft/assets/tiny-llama] \\
         [--data minipeft/assets/demo_data/train.json] [--steps 150] [--out runs/vocab_experiment]
 
 1. The Chinese records of --data (those with a CJK character) not longer than --max-seq-len tokens with the
@@ -36,15 +36,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
-
-from minipeft import assets_dir  # noqa: E402
-from minipeft.checkpoint import load_model  # noqa: E402
-from minipeft.data import AlpacaEncoder, collate, epoch_order, read_records, train_val_split  # noqa: E402
-from minipeft.peft import LoRAConfig, apply_peft, load_adapter, save_adapter  # noqa: E402
-from minipeft.tokenizer import Tokenizer  # noqa: E402
-from minipeft.train import batch_loss, lr_factor  # noqa: E402
-from minipeft.vocab import (has_cjk, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,  # noqa: E402
+from minipeft import assets_dir
+from minipeft.checkpoint import load_model
+from minipeft.data import AlpacaEncoder, collate, epoch_order, read_records, train_val_split
+from minipeft.peft import LoRAConfig, apply_peft, load_adapter, save_adapter
+from minipeft.tokenizer import Tokenizer
+from minipeft.train import batch_loss, lr_factor
+from minipeft.vocab import (has_cjk, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
                             train_sentencepiece)
 
 

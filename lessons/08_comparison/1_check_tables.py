@@ -117,8 +117,7 @@ for label, run in results["bases"].items():
 check_equal("every base and method ran the same number of steps", sorted(steps), [next(iter(steps))])
 
 # exact match == record-weighted mean of the per-task scores (the tasks read off the instructions)
-sys.path.insert(0, str(ROOT / "tools"))
-from make_demo_data import TASKS  # noqa: E402
+from minipeft.demo_data import TASKS  # noqa: E402
 task_of = {instruction: task for task, instruction in TASKS.items()}
 tasks = [task_of.get(r["instruction"], "other") for r in records]
 for label, run in results["bases"].items():
@@ -135,7 +134,7 @@ print("3. The README's answers side by side, and its 150 vs 600 steps table")
 readme = (HERE / "README.md").read_text(encoding="utf-8")
 
 
-def cell(text):          # as compare_report.answer_cell writes a cell, written out again here
+def cell(text):          # as minipeft/compare/report.answer_cell writes a cell, written out again here
     shown = text.strip().replace("|", "\\|").replace("\n", "⏎") or " "
     return f"`` {shown} ``" if "`" in shown else f"`{shown}`"
 

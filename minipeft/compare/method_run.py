@@ -1,32 +1,23 @@
-"""One base of tools/compare_methods.py: the learning-rate sweep, then every method from a fresh copy of the base.
+"""One method's run in the comparison: train it from a fresh copy of the base, evaluate the validation loss a few
+times per epoch, and measure its peak memory, speed and greedy answers.
 
 What every method shares: the base weights (a fresh copy each), the training examples and their order
 (epoch_order(seed, epoch)), the number of optimizer steps and examples per step (so the same training
 tokens), the warm-up + cosine schedule, AdamW, clipping. What differs: the method, and its peak learning
 rate (prompt-like methods need rates 10-100x larger than full fine-tuning: a few hundred parameters that
-must move the output of a frozen network; the sweep picks each rate from a small grid by the validation
-loss on training records kept out of the training subset, never on the held-out set).
-
-Sweep: each method's grid is run for sweep_epochs; when the lowest validation loss sits at an edge of the
-grid, one more rate beyond that edge (the grid's own ratio) is tried, up to sweep_extend times.
+must move the output of a frozen network; sweep.py picks each rate from a small grid).
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import sys
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_report import answer_scores  # noqa: E402
-from minipeft.train import TrainConfig, build_trainer  # noqa: E402
+from ..train import TrainConfig, build_trainer
+from .scores import answer_scores
 
 
 # ---- peak memory ---------------------------------------------------------------------------------
@@ -67,7 +58,7 @@ def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_
                with_exact_match: bool) -> dict:
     """Train one method from a fresh copy of `base`, evaluating the validation loss evals_per_epoch times
     per epoch (and before training). Returns the numbers of the results table, the curves and the greedy
-    answers to the held-out records with their scores (compare_report.answer_scores)."""
+    answers to the held-out records with their scores (scores.answer_scores)."""
     trainer = build_trainer(cfg, copy.deepcopy(base), tokenizer, data, ds_config)
     memory = PeakMemory(trainer.device)
     memory.reset()
@@ -123,40 +114,3 @@ def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_
         **answer_scores(data.val_records, generations),
         "generations": generations,
     }
-
-
-
-
-def sweep_learning_rates(method_cfg, methods, grids: Dict[str, tuple], *, base, tokenizer, data,
-                         sweep_epochs: float, sweep_extend: int, say=print):
-    """-> ({method: {lr: final val loss}}, {method: chosen lr}); method_cfg(method, lr, epochs, name) -> cfg."""
-    sweep: Dict[str, Dict[str, float]] = {}
-    chosen: Dict[str, float] = {}
-    for method in methods:
-        sweep[method] = {}
-        grid = sorted(grids[method])
-        tried: Dict[float, float] = {}
-        for _ in range(1 + sweep_extend):
-            for lr in grid:
-                if lr in tried:
-                    continue
-                cfg, ds_config = method_cfg(method, lr, sweep_epochs, f"sweep-{method}-{lr:g}")
-                result = run_method(cfg, base, tokenizer, data, ds_config, evals_per_epoch=1, with_exact_match=False)
-                tried[lr] = result["final_val_loss"]
-                sweep[method][f"{lr:g}"] = result["final_val_loss"]
-                say(f"sweep {method:13s} lr {lr:<8g} val loss {result['final_val_loss']:.4f}  "
-                    f"({result['train_seconds']:.0f} s)")
-            finite = {lr: v for lr, v in tried.items() if math.isfinite(v)}
-            if not finite:
-                break
-            best = min(finite, key=finite.get)
-            chosen[method] = best
-            # The best rate at an edge of the grid: try one more rate beyond it (the grid's own ratio).
-            ordered = sorted(tried)
-            if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
-                break
-            ratio = ordered[-1] / ordered[-2] if best == ordered[-1] else ordered[1] / ordered[0]
-            grid = [best * ratio if best == ordered[-1] else best / ratio]
-        if method in chosen:
-            say(f"sweep {method}: chosen lr {chosen[method]:g}")
-    return sweep, chosen

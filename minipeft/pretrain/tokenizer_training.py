@@ -1,4 +1,5 @@
-"""Train a small tokenizer of each model family's own kind, for tools/pretrain_tiny.py.
+"""Train the small tokenizers of pretraining (tools/pretrain_tiny.py), one trainer per kind; which family uses
+which trainer and file is family_recipes.py's table:
 
     llama    SentencePiece BPE as LLaMA's: byte fallback (the 256 pieces <0x00>..<0xFF>, so any text encodes),
              digits split, unk 0 / bos 1 / eos 2, no pad piece, identity normalisation, dummy-prefix space
@@ -27,7 +28,6 @@ from typing import List, Sequence
 GLM_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>", "<pad>"]
 GLM_TEXT_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]
 BLOOM_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-TOKENIZER_FILE = {"llama": "tokenizer.model", "chatglm": "tokenizer.model", "bloom": "tokenizer.json"}
 
 
 class TokenizerTrainingError(ValueError):
@@ -90,18 +90,20 @@ def _train_bloom_bpe(lines: List[str], path: Path, vocab_size: int) -> Path:
     return path
 
 
-def train_family_tokenizer(family: str, train_texts: Sequence[str], out_dir: Path, vocab_size: int,
-                           min_share: float, seed: int, threads: int) -> Path:
-    """Train the tokenizer of `family` on the texts; returns the file written in out_dir."""
-    if family not in TOKENIZER_FILE:
-        raise TokenizerTrainingError(f"--family {family!r}: expected one of {', '.join(TOKENIZER_FILE)}")
-    lines = training_lines(train_texts, min_share)
-    path = Path(out_dir) / TOKENIZER_FILE[family]
-    if family == "bloom":
-        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))    # the trainer's thread pool
-        return _train_bloom_bpe(lines, path, vocab_size)
-    if family == "chatglm":
-        from minipeft.tokenizer_chatglm import glm_text_rewrite     # what the tokenizer does at encode time
-        return _train_sentencepiece([glm_text_rewrite(line) for line in lines], path, vocab_size, seed, threads,
-                                    GLM_SPECIAL_PIECES + GLM_TEXT_PIECES)
+def train_llama_sentencepiece(lines: List[str], path: Path, vocab_size: int, seed: int, threads: int) -> Path:
+    """LLaMA's kind: SentencePiece BPE with byte fallback and no special pieces of its own."""
     return _train_sentencepiece(lines, path, vocab_size, seed, threads, [])
+
+
+def train_glm_sentencepiece(lines: List[str], path: Path, vocab_size: int, seed: int, threads: int) -> Path:
+    """ChatGLM-6B's kind: the lines rewritten as the ChatGLM tokenizer rewrites a text before SentencePiece sees it,
+    GLM's special and text pieces part of the model."""
+    from ..tokenizer_chatglm import glm_text_rewrite     # what the tokenizer does at encode time
+    return _train_sentencepiece([glm_text_rewrite(line) for line in lines], path, vocab_size, seed, threads,
+                                GLM_SPECIAL_PIECES + GLM_TEXT_PIECES)
+
+
+def train_bloom_bpe(lines: List[str], path: Path, vocab_size: int, seed: int, threads: int) -> Path:
+    """BLOOM's kind: byte-level BPE (deterministic; the seed is not used)."""
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))    # the trainer's thread pool
+    return _train_bloom_bpe(lines, path, vocab_size)
