@@ -27,6 +27,16 @@ def reference_peft_configs(model_cfg) -> dict:
     return {m: METHODS[m].reference_7b(model_cfg) for m in method_order() if METHODS[m].reference_7b is not None}
 
 
+def blocks_the_gradient_passes(model) -> int:
+    """How many blocks keep activations for backward: from the lowest block holding a trainable parameter to the
+    top, or all of them when a module attached in front of the blocks trains (a soft prompt, a prefix)."""
+    n_layers = len(model.base.layers)
+    if any(p.requires_grad for module in model.attached_modules().values() for p in module.parameters()):
+        return n_layers
+    trained = [i for i, layer in enumerate(model.base.layers) if any(p.requires_grad for p in layer.parameters())]
+    return n_layers - min(trained, default=n_layers)
+
+
 def table_7b(model_name: str = "llama-7b") -> dict:
     """Per method at the shape of a 7B preset, under REFERENCE_7B: trainable parameters (apply_peft on the meta
     device), Adam's optimizer state (12 bytes per trainable parameter: fp32 master, m, v), and memory per
@@ -59,10 +69,11 @@ def table_7b(model_name: str = "llama-7b") -> dict:
         states = zero_bytes_per_gpu(report.total, report.trainable, n_gpus, r["zero_stage"],
                                     offload_optimizer=r["offload_optimizer"], offload_params=r["offload_params"])
         gather_buffer = 4 * largest_layer
-        # Prompt tuning lengthens every sequence by its P tokens; LLaMA-Adapter's gradient stops at its lowest
-        # layer; any other method (a registered one too) is counted as frozen blocks over the whole depth.
-        tokens = batch * (seq + (peft_config.prompt_len if method == "prompt" else 0))
-        blocks = peft_config.adapter_layers if method == "llama_adapter" else cfg.n_layers
+        # Embeddings a method puts in front (prompt tuning) lengthen every sequence by their P positions; the
+        # gradient stops at the lowest block that holds a trainable parameter (LLaMA-Adapter's top L).
+        front = model.soft_prompt_module.num_virtual_tokens if model.soft_prompt_module is not None else 0
+        tokens = batch * (seq + front)
+        blocks = blocks_the_gradient_passes(model)
         outside = rope_table_bytes_per_token(cfg) + head_bytes_per_token(cfg)
         if METHODS[method].trains_base:
             activations = model_activation_bytes(cfg, batch, seq)
