@@ -39,7 +39,7 @@ from ..distributed import is_partitioned, world_info
 from ..fileio import write_atomic, write_json_atomic
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, is_resolved
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
 
@@ -64,7 +64,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, base_model, tokenizer, data: RunData):
-        self.cfg = cfg = cfg.filled()
+        if not is_resolved(cfg):                   # every default is decided once, before (config.py)
+            raise TrainError("Trainer takes a resolved TrainConfig: the one prepare_run returns, or "
+                             "resolve_defaults(cfg)")
+        self.cfg = cfg
         self.tokenizer, self.data = tokenizer, data
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         self.rank, self.world_size = world_info()
