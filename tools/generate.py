@@ -7,25 +7,53 @@
 Temperature 0 (the default) is greedy decoding. --alpaca wraps each prompt in the Alpaca template used
 for fine-tuning (minipeft.data.format_prompt). The tokenizer is CHECKPOINT_FOLDER/tokenizer.model unless
 --tokenizer is given. All prompts run as one left-padded batch; generation stops at the tokenizer's EOS.
+
+The model is the one finetune.py trained and evaluated (load_for_generation): the base in float32 whatever
+dtype the folder stores (finetune.py's --base-dtype auto for fp32 training), the adapter's parameters in
+float32 as they were trained, so an adapter's logits here are those of the run's own final evaluation.
+--dtype bfloat16 / float16 holds the base in half precision; an adapter's float32 parameters then run under
+torch.autocast in that dtype, as finetune.py evaluates a --precision bf16 / fp16 run. Plugins (--plugin,
+MINIPEFT_PLUGINS) are imported first, so an adapter of a method they register loads.
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
+from minipeft.checkpoint import DTYPES, folder_tokenizer, load_model
+from minipeft.data import PROMPT_FORMATS
+from minipeft.families import tokenizer_for
+from minipeft.generate import generate
+from minipeft.peft import PeftModel, load_adapter
+from minipeft.plugins import PluginError, add_plugin_flag, load_plugins
+from minipeft.tokenizer import Tokenizer
 
-from minipeft.checkpoint import DTYPES, folder_tokenizer, load_model  # noqa: E402
-from minipeft.data import PROMPT_FORMATS  # noqa: E402
-from minipeft.generate import generate  # noqa: E402
-from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.families import tokenizer_for  # noqa: E402
-from minipeft.tokenizer import Tokenizer  # noqa: E402
+
+def load_for_generation(checkpoint, adapter=None, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The base model of `checkpoint` in `dtype` on `device`, with the adapter folder `adapter` installed (its
+    parameters float32: load_adapter's rule), in eval mode."""
+    model = load_model(checkpoint, dtype=dtype, device=device)
+    if adapter:
+        model = load_adapter(model, adapter).to(device)
+    return model.eval()
 
 
-def main(argv=None) -> int:
+def precision_context(model, device: str):
+    """torch.autocast in the base's half dtype when float32 adapter parameters sit beside a half base (as in
+    finetune.py's bf16 / fp16 evaluation); nothing otherwise."""
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}         # the base's (none for "full")
+    half = frozen & {torch.bfloat16, torch.float16}
+    if isinstance(model, PeftModel) and half:
+        return torch.autocast(device_type=torch.device(device).type, dtype=half.pop())
+    return contextlib.nullcontext()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="our checkpoint folder (config.json + model.safetensors [+ tokenizer.model])")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
@@ -38,8 +66,20 @@ def main(argv=None) -> int:
     parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the model family's template (Alpaca; ChatGLM: [Round n] 问：...答：)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: the checkpoint folder's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the base weights (default float32, as finetune.py evaluates; an adapter stays "
+                        "float32 and runs under autocast beside a half base)")
+    add_plugin_flag(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        load_plugins(argv)            # before the parser, so that a plugin's adapter folders load
+    except PluginError as e:
+        print(f"generate.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
 
     tokenizer_path = (Path(args.tokenizer) if args.tokenizer else
                       folder_tokenizer(Path(args.checkpoint)) or Path(args.checkpoint) / "tokenizer.model")
@@ -49,15 +89,13 @@ def main(argv=None) -> int:
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: this machine has no CUDA device")
-        model = load_model(args.checkpoint, dtype=DTYPES.get(args.dtype), device=args.device)
+        model = load_for_generation(args.checkpoint, args.adapter, dtype=DTYPES[args.dtype], device=args.device)
         family = model.config.family
         tokenizer = Tokenizer(tokenizer_path) if family == "llama" else tokenizer_for(family, tokenizer_path)
         if tokenizer.vocab_size > model.config.vocab_size:
             print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
                   f"{model.config.vocab_size}", file=sys.stderr)
             return 1
-        if args.adapter:
-            model = load_adapter(model, args.adapter).to(args.device).eval()
         texts = [PROMPT_FORMATS[family].render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
         limit = model.config.max_seq_len
@@ -66,8 +104,9 @@ def main(argv=None) -> int:
                 print(f"generate.py: warning: --prompt {i + 1}: {len(prompt)} tokens + --max-new-tokens "
                       f"{args.max_new_tokens} go past the model's max_seq_len {limit} ({args.checkpoint}/config.json); "
                       f"positions beyond it were never trained, expect worse text there", file=sys.stderr)
-        outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
+        with precision_context(model, args.device):
+            outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
     except (ValueError, OSError) as e:   # CheckpointError, TokenizerError, PeftConfigError, GenerationError
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

@@ -201,7 +201,8 @@ def check_device(device: Optional[str]) -> None:
 def base_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype the frozen base weights are loaded in. "auto": float32 for fp32 training, else the
     precision's half dtype, so a 7B base takes 2 bytes per parameter. Trainable parameters are always kept
-    in float32 (see Trainer), which autocast and the fp16 loss scaler need."""
+    in float32 (apply_peft(trainable_dtype=torch.float32) in the Trainer), which autocast and the fp16 loss
+    scaler need."""
     if cfg.base_dtype != "auto":
         return BASE_DTYPES[cfg.base_dtype]
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
