@@ -1,8 +1,8 @@
 """Fine-tune a minipeft model with one PEFT method, and show what it learned.
 
-    PYTHONPATH=. python tools/finetune.py                       # LoRA, shipped tiny model + demo data
-    PYTHONPATH=. python tools/finetune.py --method llama_adapter --max-steps 50
-    PYTHONPATH=. python tools/finetune.py --model checkpoints/llama-7b --train-data alpaca_data.json \\
+    python tools/finetune.py                       # LoRA, shipped tiny model + demo data
+    python tools/finetune.py --method llama_adapter --max-steps 50
+    python tools/finetune.py --model checkpoints/llama-7b --train-data alpaca_data.json \\
         --max-seq-len 512 --epochs 3 --precision bf16 --gradient-checkpointing
     deepspeed --num_gpus 8 tools/finetune.py --deepspeed tools/ds_configs/zero3_offload_reference.json \\
         --model checkpoints/llama-7b --train-data alpaca_data.json --max-seq-len 512 --epochs 3
@@ -18,31 +18,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-from minipeft import assets_dir  # noqa: E402
-from minipeft.train import (TINY_MODEL_LR, TrainConfig, TrainError, build_arg_parser,  # noqa: E402
-                            build_trainer, config_from_args, prepare_run)
-
-
-def with_shipped_defaults(cfg: TrainConfig) -> TrainConfig:
-    """The shipped tiny model (with the learning rates tuned for it) and demo data where the command line
-    names none."""
-    import dataclasses
-    values = {}
-    if cfg.model is None:
-        values["model"] = str(assets_dir() / "tiny-llama")
-        if cfg.lr is None:
-            values["lr"] = TINY_MODEL_LR[cfg.method]
-    if cfg.train_data is None:
-        values["train_data"] = str(assets_dir() / "demo_data" / "train.json")
-        if cfg.val_data is None:
-            values["val_data"] = str(assets_dir() / "demo_data" / "heldout.json")
-    return dataclasses.replace(cfg, **values)
+from minipeft.plugins import PluginError, load_plugins
+from minipeft.train import TrainError, build_arg_parser, build_trainer, config_from_args, prepare_run
 
 
 def shorten(text: str, width: int) -> str:
@@ -52,11 +30,14 @@ def shorten(text: str, width: int) -> str:
 
 def main(argv=None) -> int:
     started = time.perf_counter()
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
     try:
-        cfg = with_shipped_defaults(config_from_args(args))
-        cfg, ds_config, base, tokenizer, data = prepare_run(cfg)
+        load_plugins(argv)                 # before the parser: a plugin's methods are --method choices
+    except PluginError as err:
+        print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    args = build_arg_parser().parse_args(argv)
+    try:                                   # the defaults (shipped model, demo data, lr, ...) are prepare_run's
+        cfg, ds_config, base, tokenizer, data = prepare_run(config_from_args(args))
     except (TrainError, ValueError, OSError) as err:   # bad flags, data, model or DeepSpeed config: before any work
         print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)
         return 2

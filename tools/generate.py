@@ -7,23 +7,31 @@
 Temperature 0 (the default) is greedy decoding. --alpaca wraps each prompt in the Alpaca template used
 for fine-tuning (minipeft.data.format_prompt). The tokenizer is CHECKPOINT_FOLDER/tokenizer.model unless
 --tokenizer is given. All prompts run as one left-padded batch; generation stops at the tokenizer's EOS.
+
+The model is the one finetune.py trained and evaluated (minipeft.peft.inference.load_model_with_adapter): the base in float32 whatever
+dtype the folder stores (finetune.py's --base-dtype auto for fp32 training), the adapter's parameters in
+float32 as they were trained, so an adapter's logits here are those of the run's own final evaluation.
+--dtype bfloat16 / float16 holds the base in half precision; an adapter's float32 parameters then run under
+torch.autocast in that dtype, as finetune.py evaluates a --precision bf16 / fp16 run. Plugins (--plugin,
+MINIPEFT_PLUGINS) are imported first, so an adapter of a method they register loads.
 """
+
+from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
+from minipeft.checkpoint import DTYPES, folder_tokenizer
+from minipeft.families import get_family, tokenizer_for
+from minipeft.generate import generate
+from minipeft.peft.inference import load_model_with_adapter, precision_context
+from minipeft.plugins import PluginError, add_plugin_flag, load_plugins
 
-from minipeft.checkpoint import DTYPES, folder_tokenizer, load_model  # noqa: E402
-from minipeft.generate import generate  # noqa: E402
-from minipeft.peft import load_adapter  # noqa: E402
-from minipeft.families import get_family, tokenizer_for  # noqa: E402
 
-
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="our checkpoint folder (config.json + model.safetensors [+ tokenizer.model])")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
@@ -36,8 +44,20 @@ def main(argv=None) -> int:
     parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the model family's template (Alpaca; ChatGLM: [Round n] 问：...答：)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: the checkpoint folder's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the base weights (default float32, as finetune.py evaluates; an adapter stays "
+                        "float32 and runs under autocast beside a half base)")
+    add_plugin_flag(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        load_plugins(argv)            # before the parser, so that a plugin's adapter folders load
+    except PluginError as e:
+        print(f"generate.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
 
     tokenizer_path = (Path(args.tokenizer) if args.tokenizer else
                       folder_tokenizer(Path(args.checkpoint)) or Path(args.checkpoint) / "tokenizer.model")
@@ -47,15 +67,13 @@ def main(argv=None) -> int:
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: this machine has no CUDA device")
-        model = load_model(args.checkpoint, dtype=DTYPES.get(args.dtype), device=args.device)
+        model = load_model_with_adapter(args.checkpoint, args.adapter, dtype=DTYPES[args.dtype], device=args.device)
         family = model.config.family
         tokenizer = tokenizer_for(family, tokenizer_path)
         if tokenizer.vocab_size > model.config.vocab_size:
             print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
                   f"{model.config.vocab_size}", file=sys.stderr)
             return 1
-        if args.adapter:
-            model = load_adapter(model, args.adapter).to(args.device).eval()
         texts = [get_family(family).prompt_format.render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
         limit = model.config.max_seq_len
@@ -64,8 +82,9 @@ def main(argv=None) -> int:
                 print(f"generate.py: warning: --prompt {i + 1}: {len(prompt)} tokens + --max-new-tokens "
                       f"{args.max_new_tokens} go past the model's max_seq_len {limit} ({args.checkpoint}/config.json); "
                       f"positions beyond it were never trained, expect worse text there", file=sys.stderr)
-        outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
+        with precision_context(model, args.device):
+            outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
     except (ValueError, OSError) as e:   # CheckpointError, TokenizerError, PeftConfigError, GenerationError
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1

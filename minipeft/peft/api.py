@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..distributed import is_partitioned
 from ..families import is_decoder
 from .config import PeftConfigError
 from .lora import LoRALinear
@@ -28,11 +29,18 @@ from .registry import METHODS, method_of
 from .replace import replace_module
 
 
-def apply_peft(model: nn.Module, config, *, tokenizer=None, generator: Optional[torch.Generator] = None
-               ) -> PeftModel:
+def apply_peft(model: nn.Module, config, *, tokenizer=None, generator: Optional[torch.Generator] = None,
+               trainable_dtype: Optional[torch.dtype] = torch.float32) -> PeftModel:
     """Install the method of `config` into `model` (in place) and wrap it. Every base parameter is frozen
     except for "full"; only the method's parameters are trainable. `tokenizer` is needed for
-    PromptConfig(init="text"); `generator` makes the soft prompt's init reproducible."""
+    PromptConfig(init="text"); `generator` makes the soft prompt's init reproducible.
+
+    The method's parameters (PeftModel.method_parameters: everything for "full") are cast to `trainable_dtype`
+    once, here: float32 by default, whatever the base's dtype (a method initialises its tensors in the base
+    weight's dtype; the cast keeps those values). None leaves them in the base's dtype. Every method's forward
+    takes float32 parameters beside a float32 base; beside a half-precision base the training loop and
+    tools/generate.py run them under torch.autocast. A ZeRO-3 partitioned parameter is left as DeepSpeed
+    holds it."""
     method = method_of(config)
     if isinstance(model, PeftModel):
         raise PeftConfigError(f"the model already has a PEFT method ({model.method!r}); apply_peft takes a "
@@ -48,6 +56,10 @@ def apply_peft(model: nn.Module, config, *, tokenizer=None, generator: Optional[
                               f"modules to attach beside the base ({{}} for none), got {type(attached).__name__}")
     peft_model = PeftModel(model, config, trains_base=method.trains_base, attached=attached)
     peft_model.set_trainable()
+    if trainable_dtype is not None:
+        for p in peft_model.method_parameters().values():
+            if p.dtype != trainable_dtype and p.is_floating_point() and not is_partitioned(p):
+                p.data = p.data.to(trainable_dtype)
     return peft_model
 
 

@@ -108,11 +108,16 @@ def check_fingerprint(saved: dict, base_config, source: str) -> None:
                 f"{key} = {current.get(key, '<missing>')!r}; this adapter was trained on another base model")
 
 
-def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None) -> PeftModel:
+def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None,
+                 trainable_dtype: Optional[torch.dtype] = torch.float32) -> PeftModel:
     """Install the adapter saved in `folder` into `base_model` (in place) and return the PeftModel.
     Errors (PeftConfigError) for a missing file, keys or shapes that are not the method's, or a base model
     whose config fingerprint differs from the one the adapter was trained on. `method`, when given, is the
-    method the caller expects."""
+    method the caller expects.
+
+    The method's parameters are made in `trainable_dtype` (apply_peft's rule: float32 unless asked otherwise,
+    as they were trained) before the saved tensors are copied in, so a float32 adapter reloads exactly even
+    onto a base stored in half precision; None: the base's dtype."""
     folder = Path(folder)
     data = _read_adapter_config(folder)
     source = str(folder / ADAPTER_CONFIG_NAME)
@@ -126,9 +131,9 @@ def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None) ->
 
     if entry.trains_base:
         from ..checkpoint import load_model
-        trained = load_model(folder)
-        base_model.load_state_dict(trained.state_dict())
-        return apply_peft(base_model, config)
+        peft_model = apply_peft(base_model, config, trainable_dtype=trainable_dtype)
+        peft_model.base.load_state_dict(load_model(folder).state_dict())     # into the parameters' dtype
+        return peft_model
 
     weights_path = folder / ADAPTER_WEIGHTS_NAME
     if not weights_path.is_file():
@@ -140,7 +145,7 @@ def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None) ->
     except (SafetensorError, OSError) as e:
         raise PeftConfigError(f"{weights_path}: not a readable safetensors file ({e})") from None
 
-    peft_model = apply_peft(base_model, entry.loading_config(config))
+    peft_model = apply_peft(base_model, entry.loading_config(config), trainable_dtype=trainable_dtype)
     peft_model.peft_config = config
 
     expected = peft_model.adapter_state_dict()

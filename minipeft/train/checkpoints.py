@@ -6,14 +6,18 @@ Python), so that on CPU a run stopped after N steps and resumed is bit-identical
 It is read with torch.load(weights_only=True): only tensors and plain containers, never code.
 (DeepSpeed runs use the engine's own checkpoints: deepspeed.py.)
 
-The run identity is derived, not listed by hand: the method's whole config (every hyper-parameter of its
-dataclass), the run settings that decide what a step computes (data stream, optimizer, schedule, precision),
-a digest of the base model's files and one of the training examples. Resuming with any of them changed
-(--lr included) is refused with a message naming the setting.
+The run identity is derived, not listed by hand, and fails closed: every TrainConfig field is in it except
+those in NOT_IN_IDENTITY, each there with the reason it cannot change what a step computes; a field added
+to TrainConfig is therefore part of the identity until someone decides otherwise (tests/test_resume_identity.py
+asks for that decision: STEP_SETTINGS lists the fields in it). Paths count by content (BY_CONTENT): the base
+model's files, the training examples, the tokenizer file and the DeepSpeed config are digested, so a moved
+file resumes and a changed one is refused. The method's config counts field by field (peft.rank, ...).
+Resuming with any of them changed (--lr included) is refused with a message naming the setting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -22,14 +26,40 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import write_atomic
+from ..fileio import file_sha256, read_json, write_atomic
 from ..peft.config import config_fields
-from .config import TrainError
+from .config import TrainConfig, TrainError
 
-# Run settings (TrainConfig fields) that decide what a step computes; the method config is added in full.
-IDENTITY_SETTINGS = ("method", "seed", "batch_size", "grad_accum", "max_seq_len", "train_on_prompt", "lr",
-                     "weight_decay", "max_grad_norm", "precision", "base_dtype", "epochs", "max_steps",
-                     "warmup_ratio", "warmup_steps", "min_lr_ratio")
+# TrainConfig fields that cannot change what a step computes (the data stream, the update, the numbers):
+NOT_IN_IDENTITY = {
+    "val_data": "validation only; without it the split changes the training examples, which are digested",
+    "val_fraction": "as val_data: what it changes in the training set is in the train_data digest",
+    "strict_data": "stops at a malformed record instead of skipping it; the examples that train are digested",
+    "gradient_checkpointing": "recomputes the same activations in backward (memory for time; same RNG)",
+    "device": "where a step runs, not what it computes (a checkpoint may continue on another device)",
+    "out": "where the run writes",
+    "eval_every": "evaluation reads the weights, draws no random numbers, and trains nothing",
+    "eval_batch_size": "evaluation only",
+    "exact_match": "evaluation only (greedy generation)",
+    "save_every": "when checkpoints are written",
+    "keep_checkpoints": "how many checkpoints are kept",
+    "resume": "which checkpoint to continue from",
+    "overwrite": "whether an earlier run's files are cleared",
+    "progress": "the progress bar",
+    "local_rank": "set by the launcher per rank; the world size is in the identity",
+}
+# The fields that are in it: every other one (STEP_SETTINGS documents the decision; the identity itself
+# is derived from dataclasses.fields(TrainConfig), so a new field is in it until listed above).
+STEP_SETTINGS = (
+    "train_data", "max_seq_len", "train_on_prompt",                       # the examples
+    "model", "tokenizer", "base_dtype",                                   # the model
+    "method", "peft",                                                     # the method and its config
+    "lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "precision", "epochs", "max_steps",
+    "warmup_ratio", "warmup_steps", "min_lr_ratio", "seed",               # the update and the data order
+    "deepspeed",                                                          # the engine's settings
+)
+# Settings that count by content, under these identity keys.
+BY_CONTENT = {"model": "base_model", "train_data": "train_data", "tokenizer": "tokenizer", "deepspeed": "deepspeed"}
 SAMPLE = 1 << 20          # bytes read from each end of a weight file for the base model's digest
 
 
@@ -54,17 +84,45 @@ def data_digest(examples) -> str:
     return digest.hexdigest()[:16]
 
 
+def identity_settings(cfg=TrainConfig) -> tuple:
+    """The fields of the run identity: every field of the config (its own class: a subclass's new fields count
+    too) but NOT_IN_IDENTITY, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cfg) if f.name not in NOT_IN_IDENTITY)
+
+
+def content_digests(trainer) -> dict:
+    """BY_CONTENT's digests of a run, computed once per run (the base model's folder, the training examples the
+    run made, the tokenizer file it read, the DeepSpeed JSON config it was given)."""
+    if getattr(trainer, "_digests", None) is None:
+        cfg = trainer.cfg
+        tokenizer_path = getattr(trainer.tokenizer, "path", None) or cfg.tokenizer
+        trainer._digests = {
+            "base_model": base_model_digest(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None,
+            "train_data": data_digest(trainer.data.train),
+            "tokenizer": file_sha256(tokenizer_path)[:16] if tokenizer_path else None,
+            "deepspeed": json_digest(cfg.deepspeed) if cfg.deepspeed else None}
+    return trainer._digests
+
+
+def json_digest(path) -> str:
+    """A digest of a JSON file's content (key order and spacing do not count)."""
+    data = read_json(Path(path), TrainError)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_identity(trainer) -> dict:
-    """The settings a checkpoint must share with the run that resumes it."""
-    identity = {name: getattr(trainer.cfg, name) for name in IDENTITY_SETTINGS}
-    identity.update({f"peft.{k}": v for k, v in config_fields(trainer.cfg.peft).items()})
+    """The settings a checkpoint must share with the run that resumes it (the module docstring)."""
+    cfg, identity = trainer.cfg, {}
+    digests = content_digests(trainer)
+    for name in identity_settings(cfg):
+        if name == "peft":
+            identity.update({f"peft.{k}": v for k, v in config_fields(cfg.peft).items()})
+        elif name in BY_CONTENT:
+            identity[BY_CONTENT[name]] = digests[BY_CONTENT[name]]
+        else:
+            identity[name] = getattr(cfg, name)
     identity["world_size"] = trainer.world_size
     identity["train_examples"] = len(trainer.data.train)
-    if getattr(trainer, "_digests", None) is None:           # computed once per run
-        model = trainer.cfg.model
-        trainer._digests = {"base_model": base_model_digest(model) if model and Path(model).is_dir() else None,
-                            "train_data": data_digest(trainer.data.train)}
-    identity.update(trainer._digests)
     return identity
 
 

@@ -3,6 +3,8 @@
 Run flags map one to one onto TrainConfig fields (--max-seq-len -> max_seq_len). Each method's flags come
 from its registry entry (minipeft/peft/registry.py: Flag("--lora-rank", "rank", ...)); only the chosen
 method's flags build its config, and a PeftConfigError from that config is reported with the flag's name.
+The methods a --plugin module registers are among them: the tool imports the plugins before it builds the
+parser (minipeft/plugins.py); --plugin itself is accepted here and documented in --help.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 
 from ..peft import METHODS, PeftConfigError
+from ..plugins import add_plugin_flag
 from .config import BASE_DTYPES, RUN_DEFAULTS, TrainConfig, TrainError
 
 
@@ -101,6 +104,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed", help="DeepSpeed JSON config (tools/ds_configs/*.json); \"auto\" values come from "
                    "the flags above, fixed ones must agree with them")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help="set by the deepspeed launcher")
+    add_plugin_flag(p)
     return p
 
 

@@ -3,7 +3,16 @@
 The method's own hyper-parameters are not renamed here: `peft` holds the method's config dataclass
 (LoRAConfig(rank=8, ...), see minipeft/peft/config.py), which validates itself. TrainConfig holds the rest:
 data, model, optimisation, evaluation, checkpoints and DeepSpeed. Values that a DeepSpeed config may fix
-are None when not given on the command line (RUN_DEFAULTS fills them, see filled()).
+are None when not given on the command line.
+
+The defaults of what was not given are decided in one place, resolve_defaults(cfg), once per run (prepare_run
+calls it, after a DeepSpeed config has fixed what it fixes):
+    model, train_data   the shipped tiny model and demo data (assets/) when none is named
+    peft                the method's default config; LoRA's default targets become the family's (BLOOM: wqkv)
+    RUN_DEFAULTS        batch size, accumulation, weight decay, clipping, precision
+    lr                  the method's tuned rate from the PEFT registry: learning_rate("tiny_base") for the
+                        shipped model, learning_rate("real_base") otherwise (none: an error naming --lr)
+The Trainer takes only a resolved config (is_resolved), and resolving a resolved config changes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..peft import METHODS, PeftConfigError, get_method
+from .. import assets_dir
+from ..peft import METHODS, LoRAConfig, PeftConfigError, get_method
+from ..family_registry import get_family
 
 # Values that a DeepSpeed config may fix; None in TrainConfig means "not given on the command line".
 RUN_DEFAULTS = {"batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "fp32"}
@@ -89,17 +100,47 @@ class TrainConfig:
         return self.peft if self.peft is not None else get_method(self.method, "--method").config_class()
 
     def filled(self) -> "TrainConfig":
-        """A copy with the defaults in place of the values not given (the method's default config, RUN_DEFAULTS,
-        and the learning-rate table for a real base)."""
-        values = {k: v for k, v in RUN_DEFAULTS.items() if getattr(self, k) is None}
-        if self.peft is None:
-            values["peft"] = self.peft_config
-        if self.lr is None:
-            try:
-                values["lr"] = get_method(self.method, "--method").learning_rate("real_base")
-            except PeftConfigError as err:
-                raise TrainError(str(err)) from None
-        return dataclasses.replace(self, **values)
+        """resolve_defaults(self) (the older name)."""
+        return resolve_defaults(self)
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """A copy with every default in place of the values not given (the module docstring says which); the one
+    place they are decided. TrainError (naming --lr) for a method without a tuned rate for this kind of base."""
+    values = {k: v for k, v in RUN_DEFAULTS.items() if getattr(cfg, k) is None}
+    if cfg.model is None:
+        values["model"] = str(assets_dir() / "tiny-llama")
+    if cfg.train_data is None:
+        values["train_data"] = str(assets_dir() / "demo_data" / "train.json")
+        if cfg.val_data is None:
+            values["val_data"] = str(assets_dir() / "demo_data" / "heldout.json")
+    if cfg.lr is None:
+        kind = "tiny_base" if cfg.model is None else "real_base"
+        try:
+            values["lr"] = get_method(cfg.method, "--method").learning_rate(kind)
+        except PeftConfigError as err:
+            raise TrainError(str(err)) from None
+    model = values.get("model", cfg.model)
+    peft = cfg.peft_config
+    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets:   # the family's default targets
+        from ..checkpoint import open_checkpoint
+        peft = peft_for_family(peft, open_checkpoint(model).config().family)
+    values["peft"] = peft
+    return dataclasses.replace(cfg, **values)
+
+
+def peft_for_family(peft, family: str):
+    """LoRA left at its default targets (wq, wv) takes what they mean in the family (its record's
+    default_lora_targets: BLOOM's and ChatGLM-6B's fused wqkv, as HF peft's query_key_value); any other config
+    is returned as it is."""
+    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets:
+        return dataclasses.replace(peft, targets=get_family(family).default_lora_targets)
+    return peft
+
+
+def is_resolved(cfg: TrainConfig) -> bool:
+    """True for a config resolve_defaults made (nothing left to fill)."""
+    return all(getattr(cfg, name) is not None for name in (*RUN_DEFAULTS, "model", "train_data", "lr", "peft"))
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -161,7 +202,8 @@ def check_device(device: Optional[str]) -> None:
 def base_dtype(cfg: TrainConfig) -> torch.dtype:
     """The dtype the frozen base weights are loaded in. "auto": float32 for fp32 training, else the
     precision's half dtype, so a 7B base takes 2 bytes per parameter. Trainable parameters are always kept
-    in float32 (see Trainer), which autocast and the fp16 loss scaler need."""
+    in float32 (apply_peft(trainable_dtype=torch.float32) in the Trainer), which autocast and the fp16 loss
+    scaler need."""
     if cfg.base_dtype != "auto":
         return BASE_DTYPES[cfg.base_dtype]
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)

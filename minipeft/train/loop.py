@@ -35,11 +35,11 @@ from typing import Dict, List, Optional
 import torch
 
 from ..data import collate, epoch_order
-from ..distributed import is_partitioned, world_info
+from ..distributed import world_info
 from ..fileio import write_atomic, write_json_atomic
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
-from .config import TrainConfig, TrainError
+from .config import TrainConfig, TrainError, is_resolved
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
 
@@ -64,7 +64,10 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, base_model, tokenizer, data: RunData):
-        self.cfg = cfg = cfg.filled()
+        if not is_resolved(cfg):                   # every default is decided once, before (config.py)
+            raise TrainError("Trainer takes a resolved TrainConfig: the one prepare_run returns, or "
+                             "resolve_defaults(cfg)")
+        self.cfg = cfg
         self.tokenizer, self.data = tokenizer, data
         self.pad_id = tokenizer.pad_id if tokenizer is not None else 0
         self.rank, self.world_size = world_info()
@@ -72,15 +75,14 @@ class Trainer:
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
 
-        # The method's random init (LoRA A, a soft prompt, a prefix MLP) depends on the seed only.
+        # The method's random init (LoRA A, a soft prompt, a prefix MLP) depends on the seed only. Its
+        # parameters are float32 beside a frozen base that may be half precision (autocast and the fp16 loss
+        # scaler need float32 master weights).
         torch.manual_seed(cfg.seed)
-        self.model = apply_peft(base_model, cfg.peft, tokenizer=tokenizer,
+        self.model = apply_peft(base_model, cfg.peft, tokenizer=tokenizer, trainable_dtype=torch.float32,
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        for _, p in self.trainable:            # fp32 trainables beside a half-precision frozen base
-            if not is_partitioned(p):          # (a ZeRO-3 shard is left as DeepSpeed holds it)
-                p.data = p.data.float()
 
         # Data stream: each rank's share of an epoch, cut to equal lengths so all ranks step together.
         self.examples_per_rank = len(data.train) // self.world_size

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..checkpoint import check_tokenizer_fits, load_model, open_checkpoint
-from ..peft import LoRAConfig
 from ..family_registry import get_family, tokenizer_for
-from .config import TrainConfig, TrainError, base_dtype, check_config
+from .config import TrainConfig, TrainError, base_dtype, check_config, peft_for_family, resolve_defaults
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
 from .deepspeed_config import get_path, load_deepspeed_config, resolve_deepspeed_config
@@ -24,19 +23,17 @@ from .loop import Trainer
 
 
 def prepare_run(cfg: TrainConfig):
-    """Returns (filled cfg, ds_config or None, base model, tokenizer, RunData)."""
+    """Returns (resolved cfg, ds_config or None, base model, tokenizer, RunData). The defaults are resolved here,
+    once (config.resolve_defaults), after the DeepSpeed config has fixed the values it fixes."""
     check_config(cfg)
     ds_config = None
     if cfg.deepspeed is not None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         ds_config, cfg = resolve_deepspeed_config(load_deepspeed_config(cfg.deepspeed), cfg, world_size,
                                                   source=f"--deepspeed {cfg.deepspeed}")
-    cfg = cfg.filled()
-    if cfg.model is None:
-        raise TrainError("--model is required here (tools/finetune.py fills in the shipped tiny model)")
+    cfg = resolve_defaults(cfg)
     reader = open_checkpoint(cfg.model)
     model_cfg = reader.config()
-    cfg = with_family_defaults(cfg, model_cfg.family)
     tokenizer = load_run_tokenizer(cfg, reader, model_cfg)
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:
@@ -49,13 +46,11 @@ def prepare_run(cfg: TrainConfig):
 
 
 def with_family_defaults(cfg: TrainConfig, family: str) -> TrainConfig:
-    """LoRA left at its default targets (wq, wv) takes what they mean in the family (its record's
-    default_lora_targets: BLOOM's and ChatGLM-6B's fused wqkv, as HF peft's query_key_value)."""
-    peft = cfg.peft
-    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets:
-        targets = get_family(family).default_lora_targets
-        return dataclasses.replace(cfg, peft=dataclasses.replace(peft, targets=targets))
-    return cfg
+    """cfg with config.peft_for_family applied to its method config (resolve_defaults does this already; for a
+    caller that changes the method of a resolved config)."""
+    if cfg.peft is None:
+        return cfg
+    return dataclasses.replace(cfg, peft=peft_for_family(cfg.peft, family))
 
 
 def load_run_tokenizer(cfg: TrainConfig, reader, model_cfg):
