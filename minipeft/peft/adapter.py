@@ -50,7 +50,9 @@ class BottleneckAdapter(nn.Module):
         return dict(self.named_parameters())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))                                      # (..., d)
+        """In the adapter's own dtype (float32 beside a half base: the dtype policy), added back in h's."""
+        update = self.up(self.act(self.down(h.to(self.down.weight.dtype))))             # (..., d)
+        return h + update.to(h.dtype)
 
 
 class LinearWithAdapter(nn.Linear):

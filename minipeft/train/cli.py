@@ -121,6 +121,9 @@ def method_config_from_args(args: argparse.Namespace):
     method = METHODS[args.method]
     given = {flag.field: getattr(args, flag.dest) for flag in method.flags if hasattr(args, flag.dest)}
     if getattr(args, "trainable_embeddings", False):
+        if "extra_trainable" not in {f.name for f in dataclasses.fields(method.config_class)}:
+            raise TrainError(f"--trainable-embeddings: method {method.name!r} cannot train whole base modules "
+                             f"beside it ({method.config_class.__name__} has no extra_trainable field)")
         given["extra_trainable"] = ("tok_embeddings", "output")
     try:
         return method.config_class(**given)
