@@ -23,7 +23,7 @@ A record (the built-in four are in families.py; a new family registers its own f
     formulas                  the closed forms memory.py evaluates (FamilyFormulas), or None (then counted on the
                               meta device)
 
-This module is at the bottom of the package (it imports only attention_seam), so the config, the checkpoint
+This module is at the bottom of the package (it imports only attention_seam and tokenizer's error), so the config, the checkpoint
 readers, the data pipeline and memory.py can all look families up.
 """
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 from .attention_seam import SEPARATE_QKV, QKVLayout
+from .tokenizer import TokenizerError
 
 
 class FamilyError(ValueError):
@@ -129,7 +130,9 @@ def is_decoder(model) -> bool:
 
 def tokenizer_for(family: str, model_path):
     """The tokenizer of a model family on its file (LLaMA: SentencePiece tokenizer.model; BLOOM: tokenizer.json)."""
-    return get_family(family).tokenizer(model_path)
+    if family not in FAMILIES:
+        raise TokenizerError(f"no tokenizer for family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[family].tokenizer(model_path)
 
 
 def family_of_tokenizer(tokenizer) -> Family:

@@ -1,59 +1,29 @@
-"""The comparison reads its per-method data from the PEFT registry: a method registered from a test file alone, with
+"""The comparison reads its per-method data from the PEFT registry: a method registered from outside the package, with
 no title, no learning rates, no sweep grid, no 7B config and no closed form, is compared when --methods names it
 (its name is its title; it comes after the built-in methods in every table; it is left out of the computed 7B
 tables with a note), and what it lacks is asked for with a one-line error naming the flag (exit 2).
 
-The toy method, "wo_gain": every attention.wo output is multiplied by a trainable per-feature gain (init 1).
+The toy method, "output_scale" (tests/plugins/output_scale_plugin.py): every attention.wo output is multiplied by a
+trainable per-feature scale (init 1).
 """
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_plugin import output_scale_registered  # noqa: E402
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft import compare  # noqa: E402
-from minipeft.peft import PeftMethod, register, unregister  # noqa: E402
-from minipeft.peft.replace import replace_module  # noqa: E402
-
-
-@dataclass
-class WoGainConfig:
-    init: float = 1.0
-    extra_trainable: tuple = ()     # (peft_model.py reads it although registry.py calls it optional)
-    method = "wo_gain"
-
-
-class GainLinear(nn.Linear):
-    def adapter_params(self):
-        return {"gain": self.gain}
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias) * self.gain
-
-
-def install(model, config, **_):
-    for name, module in list(model.named_modules()):
-        if name.endswith("attention.wo"):
-            gained = GainLinear(module.in_features, module.out_features, bias=False, device="meta")
-            gained.weight = module.weight
-            gained.gain = nn.Parameter(torch.full((module.out_features,), config.init))
-            replace_module(model, name, gained)
-    return {}
 
 
 @pytest.fixture(scope="module")
 def toy():
-    register(PeftMethod("wo_gain", WoGainConfig, install))
-    yield "wo_gain"
-    unregister("wo_gain")
+    with output_scale_registered():
+        yield "output_scale"
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +45,9 @@ def test_a_registered_method_is_compared_after_the_built_in_ones(toy, ws, tmp_pa
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(results["results"]) == [toy, "lora"] and set(results["sweep"]) == {toy}
     assert results["lr"][toy] == float(min(results["sweep"][toy], key=results["sweep"][toy].get))
-    assert results["settings"]["method_hyper"][toy] == {"init": 1.0, "extra_trainable": []}
+    assert results["settings"]["method_hyper"][toy] == {"init": 1.0}
     n_layers = 2
-    assert results["results"][toy]["trainable"] == n_layers * 32        # one gain per wo output feature (dim 32)
+    assert results["results"][toy]["trainable"] == n_layers * 32        # one scale per wo output feature (dim 32)
     table = results["table_7b"]
     assert toy not in table["rows"] and table["left_out"] == [toy]
     markdown = (tmp_path / "out" / "results.md").read_text()

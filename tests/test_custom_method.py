@@ -1,5 +1,6 @@
-"""A seventh method registered from this file alone (no package file edited): it trains, saves, reloads and
-resumes through the normal Trainer, and its flags reach the command line.
+"""A seventh method, registered by a file outside the package (tests/plugins/output_scale_plugin.py, imported here
+as the tools import a plugin; no package file edited): in-process, it trains, saves, reloads and resumes through
+the normal Trainer, and its flags reach the command line. (tests/test_plugins.py drives the tools with it.)
 
 The toy method, "output_scale": every attention.wo output is multiplied by a trainable per-feature scale s
 (init 1, so the model starts as the base): y = s * (W x).
@@ -7,51 +8,19 @@ The toy method, "output_scale": every attention.wo output is multiplied by a tra
 
 import dataclasses
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_plugin import output_scale_registered  # noqa: E402
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
-from minipeft.peft import Flag, PeftConfigError, PeftMethod, load_adapter, register, unregister  # noqa: E402
-from minipeft.peft.replace import replace_module  # noqa: E402
+from minipeft.peft import load_adapter  # noqa: E402
 from minipeft.train import (TrainConfig, TrainError, build_arg_parser, build_trainer, config_from_args,  # noqa: E402
                             evaluate_loss, prepare_run)
-
-
-@dataclass
-class OutputScaleConfig:
-    init: float = 1.0
-    extra_trainable: tuple = ()
-    method = "output_scale"
-
-    def __post_init__(self):
-        if not self.init > 0:
-            raise PeftConfigError(f"OutputScaleConfig.init must be > 0, got {self.init!r}")
-
-
-class ScaledLinear(nn.Linear):
-    def adapter_params(self):
-        return {"scale": self.scale}
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias) * self.scale
-
-
-def install(model, config, **_):
-    for name, module in list(model.named_modules()):
-        if name.endswith("attention.wo"):
-            scaled = ScaledLinear(module.in_features, module.out_features, bias=False, device="meta")
-            scaled.weight = module.weight
-            scaled.scale = nn.Parameter(torch.full((module.out_features,), config.init))
-            replace_module(model, name, scaled)
-    return {}
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +30,13 @@ def ws(tmp_path_factory):
 
 @pytest.fixture()
 def registered():
-    method = register(PeftMethod("output_scale", OutputScaleConfig, install,
-                                 flags=(Flag("--scale-init", "init", "initial scale", float),)))
-    yield method
-    unregister("output_scale")
+    with output_scale_registered() as plugin:
+        yield plugin
 
 
 def make_cfg(ws, out, **overrides):
     values = dict(model=ws["model"], train_data=ws["train"], val_data=ws["val"], max_seq_len=MAX_SEQ_LEN,
-                  peft=OutputScaleConfig(), lr=1e-1, batch_size=4, max_steps=6, warmup_steps=1, seed=0,
+                  peft=None, method="output_scale", lr=1e-1, batch_size=4, max_steps=6, warmup_steps=1, seed=0,
                   device="cpu", out=str(out), progress=False, exact_match=False, eval_batch_size=8)
     values.update(overrides)
     return TrainConfig(**values)
@@ -104,7 +71,7 @@ def test_toy_method_resumes_bit_identically_and_refuses_a_changed_setting(regist
     resumed.resume(tmp_path / "a" / "checkpoints" / "step-000003.pt")
     assert [h["loss"] for h in resumed.train()] == [h["loss"] for h in history[3:]]
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(whole.trainable, resumed.trainable))
-    other = build(make_cfg(ws, tmp_path / "c", peft=OutputScaleConfig(init=2.0)))
+    other = build(make_cfg(ws, tmp_path / "c", peft=registered.OutputScaleConfig(init=2.0), method=None))
     with pytest.raises(TrainError, match="peft.init"):
         other.resume(tmp_path / "a")
 
@@ -113,7 +80,7 @@ def test_toy_method_flags_reach_the_command_line(registered):
     parser = build_arg_parser()
     assert "--scale-init" in parser.format_help()
     cfg = config_from_args(parser.parse_args(["--method", "output_scale", "--scale-init", "0.5", "--lr", "1e-2"]))
-    assert cfg.peft == OutputScaleConfig(init=0.5) and cfg.method == "output_scale"
+    assert cfg.peft == registered.OutputScaleConfig(init=0.5) and cfg.method == "output_scale"
     with pytest.raises(TrainError, match="--scale-init must be > 0"):
         config_from_args(parser.parse_args(["--method", "output_scale", "--scale-init", "-1"]))
-    assert dataclasses.asdict(cfg)["peft"] == {"init": 0.5, "extra_trainable": ()}
+    assert dataclasses.asdict(cfg)["peft"] == {"init": 0.5}

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 from bad_input_helpers import tool_main  # noqa: E402
+from helpers_plugin import MODULE_NAME as PLUGIN_MODULE, PLUGIN_FILE  # noqa: E402
 
 from minipeft import assets_dir  # noqa: E402
 from minipeft.checkpoint import load_model  # noqa: E402
@@ -22,50 +23,17 @@ from minipeft.train import (RUN_DEFAULTS, Trainer, TrainConfig, TrainError, is_r
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = str(assets_dir() / "tiny-llama")
 
-# A method from a plugin file, with no tuned learning rate: y = s * (W x) on every attention.wo.
-PLUGIN = '''
-from dataclasses import dataclass
-import torch, torch.nn as nn, torch.nn.functional as F
-from minipeft.peft import PeftMethod, register
-from minipeft.peft.replace import replace_module
-
-@dataclass
-class ToyScaleConfig:
-    init: float = 1.0
-    extra_trainable: tuple = ()
-    method = "toy_scale"
-
-class ScaledLinear(nn.Linear):
-    def adapter_params(self):
-        return {"scale": self.scale}
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias) * self.scale
-
-def install(model, config, **_):
-    for name, module in list(model.named_modules()):
-        if name.endswith("attention.wo"):
-            scaled = ScaledLinear(module.in_features, module.out_features, bias=False, device="meta")
-            scaled.weight = module.weight
-            scaled.scale = nn.Parameter(torch.full((module.out_features,), config.init))
-            replace_module(model, name, scaled)
-    return {}
-
-register(PeftMethod("toy_scale", ToyScaleConfig, install))
-'''
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws"))
 
 
 @pytest.fixture()
-def plugin(tmp_path):
-    path = tmp_path / "toy_scale_plugin.py"
-    path.write_text(PLUGIN)
-    yield str(path)
-    unregister("toy_scale")
-    sys.modules.pop("minipeft_plugin_toy_scale_plugin", None)
+def plugin():
+    """tests/plugins/output_scale_plugin.py: a method with no tuned learning rate; the tools import it here."""
+    yield str(PLUGIN_FILE)
+    unregister("output_scale")
+    sys.modules.pop(PLUGIN_MODULE, None)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -110,11 +78,11 @@ def test_finetune_has_no_path_edits_and_documents_plugin():
 def test_a_plugin_method_without_a_rate_asks_for_lr_then_trains_and_generates(plugin, tmp_path, capsys):
     finetune = tool_main("finetune")
     run = tmp_path / "run"
-    flags = ["--plugin", plugin, "--method", "toy_scale", "--max-steps", "1", "--no-progress", "--no-exact-match",
+    flags = ["--plugin", plugin, "--method", "output_scale", "--max-steps", "1", "--no-progress", "--no-exact-match",
              "--eval-batch-size", "32", "--device", "cpu", "--out", str(run)]
     assert finetune.main(flags) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["finetune.py: error: --lr: method 'toy_scale' has no default learning rate for the shipped tiny "
+    assert err == ["finetune.py: error: --lr: method 'output_scale' has no default learning rate for the shipped tiny "
                    "base; give --lr"]
     assert not run.exists()
     assert finetune.main(flags + ["--lr", "1e-2"]) == 0

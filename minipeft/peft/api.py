@@ -35,9 +35,10 @@ def apply_peft(model: nn.Module, config, *, tokenizer=None, generator: Optional[
     except for "full"; only the method's parameters are trainable. `tokenizer` is needed for
     PromptConfig(init="text"); `generator` makes the soft prompt's init reproducible.
 
-    The method's parameters (PeftModel.method_parameters: everything for "full") are cast to `trainable_dtype`
-    once, here: float32 by default, whatever the base's dtype (a method initialises its tensors in the base
-    weight's dtype; the cast keeps those values). None leaves them in the base's dtype. Every method's forward
+    The method's parameters (PeftModel.method_parameters: everything for "full") are cast once, here, to at least
+    `trainable_dtype`: float32 by default beside a bf16 / fp16 base (a method initialises its tensors in the base
+    weight's dtype; the cast keeps those values), while a wider base (the float64 checks of the lessons and
+    tests) keeps its own dtype: the cast never loses precision. None leaves them in the base's dtype. Every method's forward
     takes float32 parameters beside a float32 base; beside a half-precision base the training loop and
     tools/generate.py run them under torch.autocast. A ZeRO-3 partitioned parameter is left as DeepSpeed
     holds it."""
@@ -58,8 +59,10 @@ def apply_peft(model: nn.Module, config, *, tokenizer=None, generator: Optional[
     peft_model.set_trainable()
     if trainable_dtype is not None:
         for p in peft_model.method_parameters().values():
-            if p.dtype != trainable_dtype and p.is_floating_point() and not is_partitioned(p):
-                p.data = p.data.to(trainable_dtype)
+            if p.is_floating_point() and not is_partitioned(p):
+                wanted = torch.promote_types(p.dtype, trainable_dtype)             # fp16 -> fp32; fp64 stays
+                if p.dtype != wanted:
+                    p.data = p.data.to(wanted)
     return peft_model
 
 
