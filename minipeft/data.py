@@ -313,7 +313,7 @@ def save_tokenized(examples: Sequence[Example], path, meta: Optional[dict] = Non
             f.write(json.dumps({"minipeft_tokenized": 1, **(meta or {})}) + "\n")
             for e in examples:
                 f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels, "prompt_len": e.prompt_len}) + "\n")
-    write_atomic(path, write)
+    write_atomic(path, write, overwrite=overwrite, error=DataError)   # never over a file that appeared meanwhile
 
 
 def load_tokenized(path) -> Tuple[List[Example], dict]:

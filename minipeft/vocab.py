@@ -46,7 +46,7 @@ from typing import Dict, Iterable, List, Union
 import torch
 import torch.nn as nn
 
-from .fileio import refuse_existing, write_atomic
+from .fileio import refuse_existing, refuse_inputs_inside, write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -173,7 +173,7 @@ def merge_sentencepiece_models(base_model_path: PathLike, extra_model_path: Path
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data = base.SerializeToString()
-    write_atomic(out_path, lambda tmp: tmp.write_bytes(data))
+    write_atomic(out_path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite, error=VocabError)
     return stats
 
 
@@ -249,6 +249,8 @@ def resize_checkpoint(src_folder: PathLike, dst_folder: PathLike, tokenizer_path
     if dst_folder.resolve() == src_folder.resolve():
         raise VocabError(f"{dst_folder}: the resized checkpoint must go to a new folder, not over its source")
     refuse_existing(dst_folder, overwrite, VocabError)
+    if overwrite:
+        refuse_inputs_inside([dst_folder], [src_folder, tokenizer_path], VocabError)
     load_model_proto(tokenizer_path, "new tokenizer")
     new_vocab_size = tokenizer_vocab_size(tokenizer_path)
     src_tokenizer = src_folder / TOKENIZER_NAME
@@ -260,7 +262,7 @@ def resize_checkpoint(src_folder: PathLike, dst_folder: PathLike, tokenizer_path
         raise VocabError(f"{tokenizer_path} has {new_vocab_size} pieces but the checkpoint {src_folder} has a "
                          f"vocabulary of {old_vocab_size}; the tokenizer must have at least as many pieces")
     resize_vocab(model, new_vocab_size, init=init)
-    save_model(model, model.config, dst_folder, tokenizer_path=tokenizer_path, overwrite=overwrite)
+    save_model(model, model.config, dst_folder, tokenizer_path=tokenizer_path, overwrite=overwrite, inputs=[src_folder])
     return {"old_vocab_size": old_vocab_size, "new_vocab_size": new_vocab_size, "added_rows": new_vocab_size -
             old_vocab_size, "src": str(src_folder), "out": str(dst_folder)}
 

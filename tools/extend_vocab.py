@@ -16,11 +16,12 @@ Text files are read one line per text; .json / .jsonl files as Alpaca records (i
 """
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
 
-from minipeft.fileio import refuse_existing
+from minipeft.fileio import refuse_existing, refuse_inputs_inside, reserve_output
 from minipeft.tokenizer import Tokenizer
 from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
                             train_sentencepiece)
@@ -46,8 +47,9 @@ def read_texts(path) -> list:
 
 
 def check_outputs(args) -> None:
-    """Before any work: --out is a new file (never an input, never inside the checkpoint being read) and
-    --checkpoint-out a new folder, unless --overwrite."""
+    """Before any work: --out (and --save-extra) is a new file (never an input, never inside the checkpoint being
+    read or the one written) and --checkpoint-out a new folder, unless --overwrite (which may not remove an
+    input)."""
     out = Path(args.out).resolve()
     inputs = [args.base_tokenizer, args.extra_tokenizer, args.corpus, args.sample, args.save_extra]
     for given in filter(None, inputs):
@@ -57,10 +59,24 @@ def check_outputs(args) -> None:
         raise VocabError(f"--out {args.out}: is inside --checkpoint {args.checkpoint}, which would then no longer "
                          f"load; write it elsewhere (--checkpoint-out gets a copy)")
     refuse_existing(out, args.overwrite, VocabError)
+    if args.save_extra:
+        refuse_existing(args.save_extra, args.overwrite, VocabError)
     if args.checkpoint_out:
         if Path(args.checkpoint_out).resolve() == Path(args.checkpoint).resolve():
             raise VocabError(f"--checkpoint-out {args.checkpoint_out}: is --checkpoint; write the resized model to a new folder")
+        for flag, given in (("--out", args.out), ("--save-extra", args.save_extra)):
+            if given and Path(args.checkpoint_out).resolve() in Path(given).resolve().parents:
+                raise VocabError(f"{flag} {given}: is inside --checkpoint-out {args.checkpoint_out}, which is written "
+                                 f"as a whole; write it elsewhere (the folder gets its own tokenizer.model)")
         refuse_existing(args.checkpoint_out, args.overwrite, VocabError)
+        if args.overwrite:
+            refuse_inputs_inside([args.checkpoint_out], [args.checkpoint, *inputs], VocabError)
+
+
+def reserve_outputs(args, reserved: contextlib.ExitStack) -> None:
+    """Hold --out, --save-extra and --checkpoint-out for the whole run (fileio.reserve_output)."""
+    for path in filter(None, (args.out, args.save_extra, args.checkpoint_out)):
+        reserved.enter_context(reserve_output(path, args.overwrite, error=VocabError))
 
 
 def main(argv=None) -> int:
@@ -84,8 +100,19 @@ def main(argv=None) -> int:
         parser.error("--checkpoint and --checkpoint-out go together")
     if args.vocab_size < 1:
         parser.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
+    with contextlib.ExitStack() as reserved:
+        try:
+            check_outputs(args)
+            reserve_outputs(args, reserved)
+        except (ValueError, OSError) as e:
+            print(f"extend_vocab.py: error: {e}", file=sys.stderr)
+            return 1
+        return extend(args)
+
+
+def extend(args) -> int:
+    """The work of main() once the outputs are checked and reserved."""
     try:
-        check_outputs(args)
         corpus = read_texts(args.corpus) if args.corpus else None
         sample = read_texts(args.sample) if args.sample else corpus
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,11 +14,12 @@ minipeft/data.py. Malformed records are listed with their index and skipped (--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split
-from minipeft.fileio import refuse_existing
+from minipeft.fileio import reserve_output
 
 
 def default_tokenizer() -> str:
@@ -42,43 +43,49 @@ def main(argv=None) -> int:
                         help="the model family: its tokenizer rules and chat format (default llama: Alpaca)")
     args = parser.parse_args(argv)
 
-    from minipeft.families import tokenizer_for
-    from minipeft.fileio import file_sha256
     tokenizer_path = args.tokenizer or default_tokenizer()
     out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
     try:
-        tokenizer = tokenizer_for(args.family, tokenizer_path)
-        encoder = AlpacaEncoder(tokenizer, args.max_seq_len, train_on_prompt=args.train_on_prompt)
-        records, problems = read_records(args.data, strict=args.strict)
-        if not records:
-            reasons = "; ".join(str(p) for p in problems[:5]) + (" ..." if len(problems) > 5 else "")
-            raise DataError(f"{args.data}: no usable records ({reasons}); expected Alpaca records as a JSON list "
-                            f"or JSON Lines")
-        splits = {"": records}
-        if args.val_fraction > 0:
-            train, val = train_val_split(records, args.val_fraction, args.seed)
-            splits = {"": train, ".val": val}
-        paths = {suffix: out if not suffix else out.with_name(out.name.removesuffix(".jsonl") + f"{suffix}.jsonl")
-                 for suffix in splits}
-        for path in paths.values():
-            for name, given in (("input data", args.data), ("tokenizer", tokenizer_path)):
-                if path.resolve() == Path(given).resolve():
-                    raise DataError(f"--out {path}: is the {name}; write the tokenized file to a new path")
-            refuse_existing(path, args.overwrite, DataError)
-        meta = {"source": str(args.data), "tokenizer": str(tokenizer_path), "tokenizer_sha256": file_sha256(tokenizer_path),
-                "vocab_size": tokenizer.vocab_size, "max_seq_len": args.max_seq_len,
-                "train_on_prompt": args.train_on_prompt}
-        for problem in problems:
-            print(f"skipped {problem}")
-        for suffix, split in splits.items():
-            examples, stats = encoder.encode_all(split)
-            save_tokenized(examples, paths[suffix], meta, overwrite=args.overwrite)
-            print(f"{paths[suffix]}: {stats.summary()}")
-            if stats.dropped_indices:
-                print(f"  dropped (index within this split): {stats.dropped_indices[:20]}")
+        with contextlib.ExitStack() as reserved:                 # the outputs are this run's until it ends
+            return write_outputs(args, tokenizer_path, out, reserved)
     except (ValueError, OSError) as err:
         print(f"prepare_data.py: error: {err}", file=sys.stderr)
         return 2
+
+
+def write_outputs(args, tokenizer_path: str, out: Path, reserved: contextlib.ExitStack) -> int:
+    from minipeft.families import tokenizer_for
+    from minipeft.fileio import file_sha256
+    tokenizer = tokenizer_for(args.family, tokenizer_path)
+    encoder = AlpacaEncoder(tokenizer, args.max_seq_len, train_on_prompt=args.train_on_prompt)
+    records, problems = read_records(args.data, strict=args.strict)
+    if not records:
+        reasons = "; ".join(str(p) for p in problems[:5]) + (" ..." if len(problems) > 5 else "")
+        raise DataError(f"{args.data}: no usable records ({reasons}); expected Alpaca records as a JSON list "
+                        f"or JSON Lines")
+    splits = {"": records}
+    if args.val_fraction > 0:
+        train, val = train_val_split(records, args.val_fraction, args.seed)
+        splits = {"": train, ".val": val}
+    paths = {suffix: out if not suffix else out.with_name(out.name.removesuffix(".jsonl") + f"{suffix}.jsonl")
+             for suffix in splits}
+    for path in paths.values():
+        for name, given in (("input data", args.data), ("tokenizer", tokenizer_path)):
+            if path.resolve() == Path(given).resolve():
+                raise DataError(f"--out {path}: is the {name}; write the tokenized file to a new path")
+        reserved.enter_context(reserve_output(path, args.overwrite, inputs=[args.data, tokenizer_path],
+                                              error=DataError))
+    meta = {"source": str(args.data), "tokenizer": str(tokenizer_path), "tokenizer_sha256": file_sha256(tokenizer_path),
+            "vocab_size": tokenizer.vocab_size, "max_seq_len": args.max_seq_len,
+            "train_on_prompt": args.train_on_prompt}
+    for problem in problems:
+        print(f"skipped {problem}")
+    for suffix, split in splits.items():
+        examples, stats = encoder.encode_all(split)
+        save_tokenized(examples, paths[suffix], meta, overwrite=args.overwrite)
+        print(f"{paths[suffix]}: {stats.summary()}")
+        if stats.dropped_indices:
+            print(f"  dropped (index within this split): {stats.dropped_indices[:20]}")
     print(f"{len(problems)} malformed records skipped")
     return 0
 

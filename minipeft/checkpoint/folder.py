@@ -21,12 +21,14 @@ from .writer import ShardWriter, parse_size
 
 def save_model(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], cfg: ModelConfig, folder,
                tokenizer_path=None, dtype: Optional[torch.dtype] = None,
-               max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False) -> Path:
+               max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+               inputs=()) -> Path:
     """Write our checkpoint folder (config.json + model.safetensors or shards [+ tokenizer.model, or
     tokenizer.json for a .json tokenizer]). An existing folder is refused (CheckpointError) unless
-    `overwrite`; then it is replaced as a whole, and only once the new one is completely written."""
+    `overwrite`; then it is replaced as a whole, and only once the new one is completely written, unless the
+    tokenizer file or one of `inputs` (what the caller read the model from) lies in it (fileio.atomic_folder)."""
     folder = Path(folder)
-    with atomic_folder(folder, overwrite=overwrite, error=CheckpointError) as tmp:
+    with atomic_folder(folder, overwrite=overwrite, error=CheckpointError, inputs=[tokenizer_path, *inputs]) as tmp:
         write_model_files(model_or_state_dict, cfg, tmp, tokenizer_path, dtype, max_shard_size)
     return folder
 
@@ -94,14 +96,14 @@ def convert_checkpoint(src, out, dtype: Optional[torch.dtype] = None,
     """Convert a Meta or Hugging Face LLaMA folder (or one of ours) into our folder format, tensor by tensor.
 
     Returns a summary: format, num_parameters, dtype, out. `out` must not exist yet (or be empty) unless
-    `overwrite`; on any failure it is not created (or left as it was)."""
+    `overwrite` (and not even then when `src` lies in it); on any failure it is not created (or left as it was)."""
     if Path(out).resolve() == Path(src).resolve():
         raise CheckpointError(f"{out}: the converted checkpoint must go to a new folder, not over its source")
     reader = open_checkpoint(src)
     cfg = reader.config()
     checker = TensorChecker(cfg, str(Path(src) / reader.config_file))
     dtypes_seen = set()
-    with atomic_folder(Path(out), overwrite=overwrite, error=CheckpointError) as tmp:
+    with atomic_folder(Path(out), overwrite=overwrite, error=CheckpointError, inputs=[src]) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size), dtype)
         for key, tensor, source in reader.tensors(cfg):
             checker.check(key, tensor, source)
