@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from minipeft.fileio import release_output
 from minipeft.plugins import PluginError, load_plugins
 from minipeft.train import TrainError, build_arg_parser, build_trainer, config_from_args, prepare_run
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, RuntimeError, AssertionError) as err:   # TrainError, PeftConfigError, DeepSpeed's
         print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)  # config errors, a device, a non-finite loss
         return 1
+    finally:                               # the run folder is free again (prepare_run reserved it)
+        if cfg.out:
+            release_output(cfg.out)
 
 
 def one_line(err: BaseException) -> str:
@@ -96,7 +100,7 @@ def train_and_report(cfg, ds_config, base, tokenizer, data, samples: int, starte
                 f"      after:    {shorten(a, 60)}")
     say(f"\n{'model' if cfg.method == 'full' else 'adapter'} written to {folder}; metrics in "
         f"{trainer.run_dir / 'metrics.jsonl'}; wall time {time.perf_counter() - started:.1f} s")
-
+    trainer.close()                        # the run folder is free again (a DeepSpeed rank ends with os._exit)
     return 0
 
 

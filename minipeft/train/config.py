@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .. import assets_dir
+from ..fileio import Reservation, claim_output
 from ..peft import METHODS, LoRAConfig, PeftConfigError, get_method
 from ..family_registry import get_family
 
@@ -165,9 +166,8 @@ def check_config(cfg: TrainConfig) -> None:
          f"checkpoints at all, use --save-every 0)")
     need(cfg.out is None or not Path(cfg.out).is_file(), f"--out {cfg.out}: is a file; the run folder must be a folder")
     check_device(cfg.device)
-    need(cfg.out is None or cfg.resume is not None or cfg.overwrite or not run_folder_in_use(Path(cfg.out)),
-         f"--out {cfg.out}: holds another run ({', '.join(RUN_FILES)}); continue it with --resume {cfg.out}, "
-         f"choose a new --out, or pass --overwrite to start afresh there")
+    if cfg.out is not None:
+        check_run_folder(cfg, Path(cfg.out))
     need(0.0 <= cfg.warmup_ratio < 1.0, f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     need(cfg.save_every >= 0 and cfg.eval_every >= 0, "--save-every and --eval-every must be >= 0")
@@ -183,6 +183,26 @@ RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", "adapter")
 
 def run_folder_in_use(folder: Path) -> bool:
     return any((folder / name).exists() for name in RUN_FILES)
+
+
+def check_run_folder(cfg: TrainConfig, folder: Path) -> None:
+    """The run folder is a folder, and one that holds no other run unless --resume or --overwrite (TrainError)."""
+    if folder.is_file():
+        raise TrainError(f"--out {folder}: is a file; the run folder must be a folder")
+    if cfg.resume is None and not cfg.overwrite and run_folder_in_use(folder):
+        raise TrainError(f"--out {folder}: holds another run ({', '.join(RUN_FILES)}); continue it with --resume "
+                         f"{folder}, choose a new --out, or pass --overwrite to start afresh there")
+
+
+def reserve_run_folder(cfg: TrainConfig, folder: Optional[Path] = None) -> Reservation:
+    """Claim the run folder for this process until the run ends (fileio.claim_output; a claim it holds already is
+    joined): another process writing it -> TrainError in one line; under the claim check_run_folder runs again,
+    and --overwrite (which removes RUN_FILES) may not remove an input of the run."""
+    folder = Path(folder if folder is not None else cfg.out)
+    removes = [] if cfg.resume is not None else [folder / name for name in RUN_FILES]
+    return claim_output(folder, cfg.overwrite, error=TrainError, removes=removes,
+                        inputs=[cfg.train_data, cfg.val_data, cfg.model, cfg.tokenizer, cfg.deepspeed],
+                        refuse=lambda f: check_run_folder(cfg, f))
 
 
 def check_device(device: Optional[str]) -> None:

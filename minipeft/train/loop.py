@@ -39,7 +39,7 @@ from ..distributed import world_info
 from ..fileio import write_atomic, write_json_atomic
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
-from .config import TrainConfig, TrainError, is_resolved
+from .config import TrainConfig, TrainError, is_resolved, reserve_run_folder
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
 
@@ -74,6 +74,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method)
+        # The run folder is this run's until close() (or the process's exit): another run writing it is refused.
+        self.reservation = reserve_run_folder(cfg, self.run_dir) if self.is_main else None
 
         # The method's random init (LoRA A, a soft prompt, a prefix MLP) depends on the seed only. Its
         # parameters are float32 beside a frozen base that may be half precision (autocast and the fp16 loss
@@ -277,5 +279,10 @@ class Trainer:
     def save_final(self, folder: Optional[Path] = None) -> Path:
         """save_adapter into run_dir/adapter (for "full": a complete checkpoint folder)."""
         folder = Path(folder) if folder is not None else self.run_dir / "adapter"
-        save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (check_config)
+        save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (reserve_run_folder)
         return folder
+
+    def close(self) -> None:
+        """The run is over: its run folder is free for another run (the reservation is also dropped at exit)."""
+        if self.reservation is not None:
+            self.reservation.release(outer_too=True)

@@ -15,7 +15,8 @@ from typing import Optional
 
 from ..checkpoint import check_tokenizer_fits, load_model, open_checkpoint
 from ..family_registry import get_family, tokenizer_for
-from .config import TrainConfig, TrainError, base_dtype, check_config, peft_for_family, resolve_defaults
+from .config import (TrainConfig, TrainError, base_dtype, check_config, peft_for_family, reserve_run_folder,
+                     resolve_defaults)
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned
 from .deepspeed_config import get_path, load_deepspeed_config, resolve_deepspeed_config
@@ -26,6 +27,17 @@ def prepare_run(cfg: TrainConfig):
     """Returns (resolved cfg, ds_config or None, base model, tokenizer, RunData). The defaults are resolved here,
     once (config.resolve_defaults), after the DeepSpeed config has fixed the values it fixes."""
     check_config(cfg)
+    # The run folder is reserved from here (rank 0 writes it) until the run ends, or until this fails.
+    reservation = reserve_run_folder(cfg) if cfg.out is not None and os.environ.get("RANK", "0") == "0" else None
+    try:
+        return _prepare_checked(cfg)
+    except BaseException:
+        if reservation is not None:
+            reservation.release()
+        raise
+
+
+def _prepare_checked(cfg: TrainConfig):
     ds_config = None
     if cfg.deepspeed is not None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
