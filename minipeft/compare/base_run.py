@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Dict
@@ -36,6 +38,10 @@ def run_identity(args, base_folder: str) -> dict:
             "base_folder": str(Path(base_folder).resolve())}
 
 
+def rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0" and world_info()[0] == 0
+
+
 def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_given, sweep_grid, say=print) -> dict:
     """The sweep and the comparison on one base; writes out/results.json, results.md, loss_curves.png (rank 0).
     Returns everything results.json holds, or raises TrainError / ValueError for a bad base or data.
@@ -47,6 +53,8 @@ def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_giv
             say(f"--resume: {out / 'results.json'} was made with these settings; kept")
             return earlier
         say(f"--resume: {out / 'results.json'} was made with other settings; running again")
+    if args.resume and rank_zero() and (out / "runs").is_dir():
+        shutil.rmtree(out / "runs")       # run again: the methods' run folders start afresh (not appended to)
     started = time.perf_counter()
     data_path = args.data or shipped("demo_data/train.json")
     val_path = args.val_data or (shipped("demo_data/heldout.json") if args.data is None else None)

@@ -21,6 +21,7 @@ from ..peft import METHODS, PeftConfigError
 from ..plugins import PluginError, add_plugin_flag, load_plugins
 from ..train import TrainError, world_info
 from .base_run import run_base
+from .outputs import check_label, claim_compare_out
 from .methods import REFERENCE_ORDER, default_lr, default_lrs, method_order, sweep_grids
 from .report import bases_table, results_table, shipped, write_bases_report
 from .table_7b import MODELS_7B, table_7b, table_7b_markdown
@@ -100,6 +101,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    "config that fixes optimizer.params.lr gives every method that lr (the reference recipe)")
     p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help="set by the deepspeed launcher")
     p.add_argument("--out", help="output folder (default runs/compare-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out (its results, "
+                   "runs and base folders are removed first; without it such an --out is refused unless --resume)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
     p.add_argument("--resume", action="store_true", help="with --bases: keep a base whose --out/<label>/results.json "
                    "was made with the same settings (an interrupted comparison goes on where it stopped)")
@@ -120,6 +123,7 @@ def parse_bases(value: str) -> List[tuple]:
         label, sep, folder = item.partition("=")
         if not sep:
             label, folder = (item, shipped(SHIPPED_BASES[item])) if item in SHIPPED_BASES else (Path(item).name, item)
+        check_label(label, CompareError)                  # a folder inside --out
         if not Path(folder).is_dir():
             raise CompareError(f"--bases {item!r}: {folder} is not a checkpoint folder (shipped names: "
                                f"{', '.join(SHIPPED_BASES)}, or all)")
@@ -202,6 +206,20 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     rank = world_info()[0]
+    try:                                  # --out is this comparison's until it ends (rank 0 writes it)
+        reservation = claim_compare_out(args, out, bases, CompareError) if rank == 0 else None
+    except (CompareError, OSError) as err:
+        print(f"compare_methods.py: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _compare(args, argv, out, command, methods, lr_given, sweep_grid, bases, rank, started)
+    finally:
+        if reservation is not None:
+            reservation.release()
+
+
+def _compare(args, argv, out: Path, command: str, methods, lr_given, sweep_grid, bases, rank: int, started) -> int:
+    """main() once --out is reserved: run the base(s) and write the outputs."""
     try:
         if bases is None:
             everything = run_base(args, args.base or shipped("tiny-llama"), out, command, methods=methods,

@@ -89,6 +89,7 @@ def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_
         final = trainer.evaluate(with_exact_match=True)
         trainer.log({"eval": True, "when": "final", **final})
         generations = list(getattr(trainer, "last_generations", []))
+    trainer.close()                             # its run folder is written
 
     # Training loss curve: the mean step loss over each evaluation interval.
     train_curve = []
