@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..config import ModelConfig
 from ..families import build_model, tokenizer_for
 from ..fileio import write_atomic, write_text_atomic
 from .corpus import PretrainError, first_lines, parse_corpus_arg, read_corpus_text, split_train_val
+from .outputs import reserve_pretrain_out
 from .family_recipes import SHAPE_FLAGS, model_config, pretrain_family, train_family_tokenizer
 from .samples import IGNORE, SampleLayout, mean_nll, total_nll
 from .tokenizer_training import TokenizerTrainingError
@@ -87,23 +87,31 @@ def plot_losses(history, path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path: Path) -> None:
-    """Our checkpoint folder (config.json + model.safetensors + the tokenizer file) in fp16."""
-    from ..checkpoint import save_model
-    save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16,
-               overwrite=True)                       # this run's own folder, re-saved at each checkpoint
+def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path: Path, inputs=()) -> None:
+    """Our checkpoint folder (config.json + model.safetensors + the tokenizer file) in fp16; never over an input
+    (the tokenizer, `inputs`: the --init-from folder), PretrainError otherwise."""
+    from ..checkpoint import CheckpointError, save_model
+    try:
+        save_model(model, cfg, folder, tokenizer_path=tokenizer_path, dtype=torch.float16,
+                   overwrite=True, inputs=inputs)    # this run's own folder, inside its reserved --out
+    except CheckpointError as err:
+        raise PretrainError(str(err)) from None
 
 
 def pretrain(args, argv=None) -> int:
     """The whole run for the parsed flags (cli.build_arg_parser); argv is recorded in metrics.json (default
-    sys.argv[1:]). PretrainError, naming the flag or file, for what cannot work."""
+    sys.argv[1:]). PretrainError, naming the flag or file, for what cannot work. --out is this run's from the
+    start (outputs.reserve_pretrain_out: the policy of every writer)."""
     if args.seq_len > args.max_seq_len:
         raise PretrainError(f"--seq-len {args.seq_len} exceeds --max-seq-len {args.max_seq_len}")
+    with reserve_pretrain_out(args):
+        return _pretrain(args, argv)
+
+
+def _pretrain(args, argv) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = args.out
-    if out.is_file():
-        raise PretrainError(f"--out {out}: is a file; expected a folder")
     initial_model = None
     if args.init_from is not None:
         given = [f"--{k.replace('_', '-')}" for k in SHAPE_FLAGS if getattr(args, k) is not None]
@@ -124,12 +132,6 @@ def pretrain(args, argv=None) -> int:
     recipe = pretrain_family(family)
     title = f"tiny {recipe.title}"
     model_dir = out / (args.name or f"tiny-{family}")
-    if out.is_dir() and any(out.iterdir()) and args.resume is None:
-        if not args.overwrite:
-            raise PretrainError(f"--out {out}: already holds files; continue it with --resume {out / 'train_state.pt'}, "
-                                "choose a new --out, or pass --overwrite to start afresh there")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     # ---- corpus: train / held-out split per file ----
     corpus = [parse_corpus_arg(a) for a in args.corpus]
@@ -302,7 +304,7 @@ def pretrain(args, argv=None) -> int:
     shipped.load_state_dict({k: v.to(torch.float16).to(v.dtype) for k, v in model.state_dict().items()})
     ppl, n_tokens, per_part = text_perplexities(shipped)
     last = [l for _, l in history["train"][-50:]]
-    save_checkpoint_folder(model.cpu(), cfg, model_dir, tokenizer_path)
+    save_checkpoint_folder(model.cpu(), cfg, model_dir, tokenizer_path, inputs=[args.init_from])
     write_text_atomic(model_dir / "val_text.txt", val_text)
     metrics = {
         "family": family, "init_from": None if args.init_from is None else str(args.init_from),
