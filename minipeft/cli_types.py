@@ -33,7 +33,8 @@ MAX_SEQ_LEN = 1 << 20           # positions of a RoPE table / a KV cache, alloca
 MAX_DIM = 1 << 16               # a hidden or feed-forward width (LLaMA-65B: 8192 / 22016)
 MAX_LAYERS = 1024               # decoder blocks
 MAX_VOCAB = 1 << 20             # tokenizer pieces / embedding rows (BLOOM: 250880)
-MAX_BATCH = 1 << 16             # examples in one batch of a benchmark
+MAX_BATCH = 1 << 16             # examples in one batch, micro-batches in one step
+MAX_LOCAL_RANK = 1023           # processes (devices) on one machine
 
 
 class ArgType:
@@ -94,7 +95,8 @@ def float_range(low: float, high: Optional[float] = None, low_open: bool = False
 
 
 positive_int = int_range(1)                                 # sizes, counts, steps
-non_negative_int = int_range(0)                             # "0: never / all / skip" counts, --local-rank
+non_negative_int = int_range(0)                             # "0: never / all / skip" counts
+local_rank = int_range(0, MAX_LOCAL_RANK)                   # set by the deepspeed launcher
 seed = int_range(0, MAX_SEED)
 threads = int_range(1, MAX_THREADS)
 seq_len = int_range(1, MAX_SEQ_LEN)

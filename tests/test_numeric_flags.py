@@ -2,7 +2,8 @@
 flag added later is covered without editing this file.
 
 For each flag whose type is a numeric minipeft.cli_types type, the values 0, -1, nan, inf and 1e12 (and
-1000000000000 for an integer or byte-size flag) are parsed in-process, with the arguments the tool requires, and each must
+1000000000000 for an integer or byte-size flag) are parsed in-process, with the arguments the tool requires,
+and each must
   * stop the parser: exit status 2, one line on stderr naming the flag, no traceback; or
   * pass the parser and be refused by the tool's cheap check (CHECKS: finetune's check_config, compare's
     check_args) in one line naming the flag; or
@@ -70,9 +71,8 @@ ACCEPTED = {
         "generate")},
     **{(tool, flag, "0"): "the deepspeed launcher numbers the first rank 0" for tool in ("finetune", "compare_methods")
        for flag in ("--local_rank",)},
-    ("finetune", "--local_rank", BIG_INT): "set by the launcher, never by hand; only compared with the world size",
-    ("compare_methods", "--local_rank", BIG_INT): "set by the launcher, never by hand; only compared with the world size",
-    ("finetune", "--val-fraction", "0"): "no held-out split: the validation file is --val-data (or the demo's)",
+    ("finetune", "--val-fraction", "0"): "no held-out split: --val-data (or the demo's) is validated on, else "
+                                         "there are no validation numbers (Trainer.evaluate skips an empty set)",
     ("finetune", "--weight-decay", "0"): "AdamW without decay (the default)",
     ("finetune", "--warmup-ratio", "0"): "no warm-up",
     ("finetune", "--warmup-steps", "0"): "no warm-up",
@@ -97,7 +97,7 @@ ACCEPTED = {
     ("compare_methods", "--max-val-examples", "0"): "all held-out records (documented)",
     ("compare_methods", "--sweep-val-examples", "0"): "the sweep validates on the held-out set (it says so)",
     ("compare_methods", "--sweep-extend", "0"): "never extend the grid",
-    ("compare_methods", "--val-fraction", "0"): "no held-out split: the held-out file is --val-data (or the demo's)",
+    ("compare_methods", "--val-fraction", "0"): "no held-out split: --val-data (or the demo's) is the held-out set",
     ("compare_methods", "--warmup-ratio", "0"): "no warm-up",
     ("compare_methods", "--max-train-examples", BIG_INT): "at most the records there are",
     ("compare_methods", "--max-val-examples", BIG_INT): "at most the records there are",

@@ -100,7 +100,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (tools/ds_configs/*.json), as in tools/finetune.py; a "
                    "config that fixes optimizer.params.lr gives every method that lr (the reference recipe)")
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=T.non_negative_int, help="set by the deepspeed launcher")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=T.local_rank, help="set by the deepspeed launcher")
     p.add_argument("--out", help="output folder (default runs/compare-<time>)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG")
     p.add_argument("--resume", action="store_true", help="with --bases: keep a base whose --out/<label>/results.json "

@@ -105,7 +105,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed", help="DeepSpeed JSON config (tools/ds_configs/*.json); \"auto\" values come from "
                    "the flags above, fixed ones must agree with them")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=T.non_negative_int, help="set by the deepspeed launcher")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=T.local_rank, help="set by the deepspeed launcher")
     add_plugin_flag(p)
     return p
 
