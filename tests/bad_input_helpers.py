@@ -54,8 +54,12 @@ def assert_refused(code: int, stderr: str, *fragments, before: dict = None, root
 
 
 def run_in_process(capsys, tool: str, *args):
-    """(exit code, stderr) of tools/<tool>.py's main(args), called in-process."""
-    code = tool_main(tool).main([str(a) for a in args])
+    """(exit code, stderr) of tools/<tool>.py's main(args), called in-process (a value a flag's type refuses
+    ends in argparse's SystemExit: its status)."""
+    try:
+        code = tool_main(tool).main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
     return code, capsys.readouterr().err
 
 

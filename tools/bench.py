@@ -33,7 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from minipeft import cli_types as T  # noqa: E402
 from minipeft.checkpoint import hf_tensor_to_ours  # noqa: E402
+from minipeft.cli_errors import run_main  # noqa: E402
 from minipeft.config import ModelConfig  # noqa: E402
 from minipeft.generate import generate  # noqa: E402
 from minipeft.loss import IGNORE_INDEX, label_only_loss  # noqa: E402
@@ -132,24 +134,35 @@ def report(rows, title, medians, check):
     return ratios
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--masked", type=float, default=0.8, help="share of each row labelled -100 (LoRA step)")
+def build_parser() -> argparse.ArgumentParser:
+    """The flags; the sizes are bounded (minipeft/cli_types.py) so a typo never allocates a huge model."""
+    parser = T.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=T.threads, default=2)
+    parser.add_argument("--repeats", type=T.int_range(1, 1000), default=7, help="timed calls per contender")
+    parser.add_argument("--dim", type=T.dim, default=256)
+    parser.add_argument("--layers", type=T.layers, default=4)
+    parser.add_argument("--heads", type=T.dim, default=8)
+    parser.add_argument("--kv-heads", type=T.dim, default=4)
+    parser.add_argument("--intermediate", type=T.dim, default=688)
+    parser.add_argument("--vocab", type=T.vocab_size, default=32000)
+    parser.add_argument("--seq", type=T.seq_len, default=256)
+    parser.add_argument("--batch", type=T.batch_size, default=4)
+    parser.add_argument("--prompt-len", type=T.seq_len, default=16)
+    parser.add_argument("--new-tokens", type=T.seq_len, default=64)
+    parser.add_argument("--masked", type=T.closed_fraction, default=0.8,
+                        help="share of each row labelled -100 (LoRA step)")
     parser.add_argument("--skip", choices=["full", "lora", "decode"], action="append", default=[])
     parser.add_argument("--write", type=Path, default=None, help="put the table into this markdown file")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """Run the workloads; -> {workload: ratios} (the table is printed, and written with --write)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.prompt_len > args.seq:
+        parser.error(f"argument --prompt-len: the prompt is cut from a --seq {args.seq} row; expected at most "
+                     f"{args.seq}, got {args.prompt_len}")
 
     torch.set_num_threads(args.threads)
     import peft
@@ -265,5 +278,11 @@ def write_markdown(path: Path, header, rows, argv):
     path.write_text(text)
 
 
+def run(argv=None) -> int:
+    """main() as a command: exit status 0 once the table is printed."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(run, "bench.py"))

@@ -30,7 +30,8 @@ side) and loss_curves.png (a row per base). The tables other than the costs are 
 
 import sys
 
-from minipeft.compare import run_command_line
+from minipeft.cli_errors import run_main
+from minipeft.compare import build_arg_parser as build_parser, run_command_line  # noqa: F401 (the flags)
 
 if __name__ == "__main__":
-    sys.exit(run_command_line())
+    sys.exit(run_main(run_command_line, "compare_methods.py"))

@@ -11,23 +11,29 @@ The folder's tokenizer (tokenizer.model, or BLOOM's tokenizer.json) is copied be
 import argparse
 import sys
 
+from minipeft import cli_types as T
 from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint
+from minipeft.cli_errors import run_main
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = T.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="Meta, or Hugging Face LLaMA / BLOOM / ChatGLM, checkpoint folder")
     parser.add_argument("out", help="output folder (must not exist, or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder (as a whole, at the end)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="convert floating-point weights to this dtype (default: keep the source's)")
-    parser.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE),
-                        help="split model.safetensors into shards above this size, e.g. 5GB, 200MB (default 5GB)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-shard-size", type=T.byte_size, default=DEFAULT_MAX_SHARD_SIZE,
+                        help="split model.safetensors into shards above this size, e.g. 5GB, 200MB (powers of 1024; "
+                        "default 5GB)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         summary = convert_checkpoint(args.src, args.out, dtype=DTYPES.get(args.dtype),
-                                     max_shard_size=int(args.max_shard_size) if args.max_shard_size.isdigit()
-                                     else args.max_shard_size, overwrite=args.overwrite)
+                                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (ValueError, OSError) as e:    # CheckpointError / ConfigError: the message names the file and the problem
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 1
@@ -44,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "convert_checkpoint.py"))

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from minipeft import cli_types as T
+from minipeft.cli_errors import run_main
 from minipeft.fileio import refuse_existing, refuse_inputs_inside, reserve_output
 from minipeft.tokenizer import Tokenizer
 from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
@@ -79,13 +81,13 @@ def reserve_outputs(args, reserved: contextlib.ExitStack) -> None:
         reserved.enter_context(reserve_output(path, args.overwrite, error=VocabError))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = T.ArgumentParser(prog="extend_vocab.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-tokenizer", required=True, help="the SentencePiece tokenizer.model to extend")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="Chinese text to train the extra SentencePiece model on")
     source.add_argument("--extra-tokenizer", help="an existing (Chinese) SentencePiece model to merge in")
-    parser.add_argument("--vocab-size", type=int, default=2000,
+    parser.add_argument("--vocab-size", type=T.vocab_size, default=2000,
                         help="pieces of the SentencePiece model trained on --corpus (default 2000)")
     parser.add_argument("--save-extra", help="also keep the SentencePiece model trained on --corpus here")
     parser.add_argument("--out", required=True, help="where to write the extended tokenizer.model")
@@ -95,11 +97,14 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="a checkpoint folder to resize to the extended vocabulary")
     parser.add_argument("--checkpoint-out", help="where to write the resized checkpoint folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out / --checkpoint-out")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if (args.checkpoint is None) != (args.checkpoint_out is None):
         parser.error("--checkpoint and --checkpoint-out go together")
-    if args.vocab_size < 1:
-        parser.error(f"--vocab-size must be >= 1, got {args.vocab_size}")
     with contextlib.ExitStack() as reserved:
         try:
             check_outputs(args)
@@ -144,4 +149,4 @@ def extend(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "extend_vocab.py"))

@@ -19,9 +19,12 @@ import os
 import sys
 import time
 
+from minipeft.cli_errors import run_main
 from minipeft.fileio import release_output
 from minipeft.plugins import PluginError, load_plugins
 from minipeft.train import TrainError, build_arg_parser, build_trainer, config_from_args, prepare_run
+
+build_parser = build_arg_parser        # the flags (minipeft/train/cli.py), as every tool names them
 
 
 def shorten(text: str, width: int) -> str:
@@ -117,6 +120,6 @@ def end_distributed_process(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_code = main()
+    exit_code = run_main(main, "finetune.py")
     end_distributed_process(exit_code)
     sys.exit(exit_code)

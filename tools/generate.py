@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from minipeft import cli_types as T
 from minipeft.checkpoint import DTYPES, folder_tokenizer
+from minipeft.cli_errors import run_main
 from minipeft.families import get_family, tokenizer_for
 from minipeft.generate import generate
 from minipeft.peft.inference import load_model_with_adapter, precision_context
@@ -32,14 +34,16 @@ from minipeft.plugins import PluginError, add_plugin_flag, load_plugins
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = T.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="our checkpoint folder (config.json + model.safetensors [+ tokenizer.model])")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--max-new-tokens", type=T.seq_len, default=64,
+                        help="tokens to generate per prompt (default 64)")
+    parser.add_argument("--temperature", type=T.non_negative_float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=T.positive_int, default=None, help="sample from the k likeliest tokens only")
+    parser.add_argument("--top-p", type=T.probability_mass, default=None,
+                        help="sample from the smallest set of tokens whose probability reaches P, in (0, 1]")
+    parser.add_argument("--seed", type=T.seed, default=None, help="makes sampling reproducible")
     parser.add_argument("--adapter", default=None, help="adapter folder written by save_adapter / finetune")
     parser.add_argument("--alpaca", action="store_true", help="wrap each prompt in the model family's template (Alpaca; ChatGLM: [Round n] 问：...答：)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: the checkpoint folder's)")
@@ -100,4 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "generate.py"))

@@ -31,6 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minipeft import cli_types as T
+from minipeft.cli_errors import run_main
 from minipeft.config import ModelConfig
 from minipeft.model import Transformer
 from minipeft.peft import LoRAConfig, apply_peft
@@ -100,20 +102,24 @@ def run_phase(model, cfg, device, precision, steps, warmup, batch_size, seq_len,
     return steps * batch_size * seq_len / elapsed, losses, skipped, peak
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = T.ArgumentParser(prog="gpu_lora_bench.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=("7b", "tiny"), default="7b", help="LLaMA-7B shape, or a tiny one for CPU")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--steps", type=int, default=20, help="timed bf16 steps")
-    parser.add_argument("--fp16-steps", type=int, default=5, help="timed fp16 + GradScaler steps (0: skip)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each phase")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-targets", default="wq,wv")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS, help="bf16 dense peak of the GPU")
-    args = parser.parse_args(argv)
+    parser.add_argument("--steps", type=T.positive_int, default=20, help="timed bf16 steps")
+    parser.add_argument("--fp16-steps", type=T.non_negative_int, default=5, help="timed fp16 + GradScaler steps (0: skip)")
+    parser.add_argument("--warmup", type=T.non_negative_int, default=2, help="untimed steps before each phase")
+    parser.add_argument("--batch-size", type=T.batch_size, default=4)
+    parser.add_argument("--seq-len", type=T.seq_len, default=512)
+    parser.add_argument("--lora-rank", type=T.dim, default=8)
+    parser.add_argument("--lora-targets", type=T.names, default=("wq", "wv"))
+    parser.add_argument("--lr", type=T.positive_float, default=1e-4)
+    parser.add_argument("--peak-tflops", type=T.positive_float, default=PEAK_BF16_TFLOPS, help="bf16 dense peak of the GPU")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = torch.device(args.device)
     if args.preset == "7b":
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     else:
         cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=64)
         args.seq_len = min(args.seq_len, 32)
-    targets = [t for t in args.lora_targets.split(",") if t]
+    targets = list(args.lora_targets)
     print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f"; torch {torch.__version__}; shape {args.preset}: dim {cfg.dim}, {cfg.n_layers} layers, vocab "
           f"{cfg.vocab_size}; batch {args.batch_size} x seq {args.seq_len}; LoRA r={args.lora_rank} on {targets}; "
@@ -163,4 +169,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "gpu_lora_bench.py"))

@@ -18,6 +18,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+from minipeft import cli_types as T
+from minipeft.cli_errors import run_main
 from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split
 from minipeft.fileio import reserve_output
 
@@ -27,21 +29,25 @@ def default_tokenizer() -> str:
     return str(assets_dir() / "tiny-llama" / "tokenizer.model")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = T.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("data", help="Alpaca JSON list or JSON Lines file")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the shipped tiny-llama's)")
-    parser.add_argument("--max-seq-len", type=int, default=256, help="tokens per example")
+    parser.add_argument("--max-seq-len", type=T.seq_len, default=256, help="tokens per example")
     parser.add_argument("--train-on-prompt", action="store_true", help="labels on the prompt too")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record")
-    parser.add_argument("--val-fraction", type=float, default=0.0, help="also write a seeded validation split")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--val-fraction", type=T.fraction, default=0.0, help="also write a seeded validation split")
+    parser.add_argument("--seed", type=T.seed, default=0, help="seed of the split")
     parser.add_argument("--out", help="output file (default: <data>.tokenized.jsonl)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--family", default="llama", choices=("llama", "chatglm", "chatglm2", "bloom"),
                         help="the model family: its tokenizer rules and chat format (default llama: Alpaca)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     tokenizer_path = args.tokenizer or default_tokenizer()
     out = Path(args.out) if args.out else Path(args.data).with_suffix(".tokenized.jsonl")
@@ -91,8 +97,4 @@ def write_outputs(args, tokenizer_path: str, out: Path, reserved: contextlib.Exi
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DataError as err:
-        print(f"prepare_data.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_main(main, "prepare_data.py"))

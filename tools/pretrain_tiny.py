@@ -11,7 +11,8 @@ minipeft/pretrain/; what differs per family: its family_recipes.py).
 
 import sys
 
-from minipeft.pretrain import run_command_line
+from minipeft.cli_errors import run_main
+from minipeft.pretrain import build_arg_parser as build_parser, run_command_line  # noqa: F401 (the flags)
 
 if __name__ == "__main__":
-    sys.exit(run_command_line())
+    sys.exit(run_main(run_command_line, "pretrain_tiny.py"))

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 from minipeft import assets_dir
+from minipeft import cli_types as T
+from minipeft.cli_errors import run_main
 from minipeft.checkpoint import load_model
 from minipeft.data import AlpacaEncoder, collate, epoch_order, read_records, train_val_split
 from minipeft.peft import LoRAConfig, apply_peft, load_adapter, save_adapter
@@ -107,25 +109,29 @@ def run_arm(name, model_folder, tokenizer, train_records, val_records, args, dev
             "val": val}, model
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = T.ArgumentParser(prog="vocab_experiment.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(assets_dir() / "tiny-llama"), help="base checkpoint folder")
     parser.add_argument("--data", default=str(assets_dir() / "demo_data" / "train.json"),
                         help="Alpaca records; the Chinese ones are used")
     parser.add_argument("--sp-corpus", help="extra Chinese text (one line per text) for the SentencePiece model")
-    parser.add_argument("--sp-vocab-size", type=int, default=1000)
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--max-records", type=int, default=None, help="use at most this many Chinese records")
-    parser.add_argument("--max-seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--sp-vocab-size", type=T.vocab_size, default=1000)
+    parser.add_argument("--val-fraction", type=T.open_fraction, default=0.1)
+    parser.add_argument("--max-records", type=T.positive_int, default=None, help="use at most this many Chinese records")
+    parser.add_argument("--max-seq-len", type=T.seq_len, default=512)
+    parser.add_argument("--steps", type=T.positive_int, default=150)
+    parser.add_argument("--batch-size", type=T.batch_size, default=8)
+    parser.add_argument("--lr", type=T.positive_float, default=2e-3)
+    parser.add_argument("--lora-rank", type=T.dim, default=8)
+    parser.add_argument("--seed", type=T.seed, default=0)
+    parser.add_argument("--log-every", type=T.positive_int, default=25)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/vocab_experiment")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -184,4 +190,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, "vocab_experiment.py"))

@@ -7,6 +7,7 @@ register is a valid --methods name.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import sys
@@ -17,6 +18,7 @@ from typing import List
 
 import torch
 
+from .. import cli_types as T
 from ..peft import METHODS, PeftConfigError
 from ..plugins import PluginError, add_plugin_flag, load_plugins
 from ..train import TrainError, world_info
@@ -48,58 +50,58 @@ def parse_method_values(items: List[str], flag: str, many: bool = False) -> dict
             values = tuple(float(v) for v in value.split(",")) if many else float(value)
         except ValueError:
             raise CompareError(f"{flag} {item!r}: {value!r} is not a number") from None
-        if any(v <= 0 for v in (values if many else (values,))):
-            raise CompareError(f"{flag} {item!r}: learning rates must be > 0")
+        if not all(math.isfinite(v) and v > 0 for v in (values if many else (values,))):
+            raise CompareError(f"{flag} {item!r}: learning rates must be finite numbers > 0")
         out.update({m: values for m in method_order()} if method == "all" else {method: values})
     return out
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = T.ArgumentParser(
         prog="compare_methods.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train every PEFT method on the same base, data, token budget and seed; write a Markdown "
                     "table, a JSON file and a loss-curve PNG, plus a computed LLaMA-7B memory table.")
     p.add_argument("--base", help="our checkpoint folder (default: the shipped tiny-llama)")
     p.add_argument("--bases", help="compare on several bases: comma-separated shipped names (" + ", ".join(SHIPPED_BASES)
                    + "), LABEL=FOLDER or FOLDER items, or 'all' for the four shipped ones; writes one table for all")
-    p.add_argument("--jobs", type=int, default=1, help="with --bases: run this many bases at once, one process each "
+    p.add_argument("--jobs", type=T.threads, default=1, help="with --bases: run this many bases at once, one process each "
                    "(each with --threads threads); the numbers do not depend on it")
     p.add_argument("--data", help="Alpaca JSON / JSON Lines training file (default: the shipped demo_data/train.json)")
     p.add_argument("--val-data", help="held-out file for validation loss and exact match (default: demo_data/"
                    "heldout.json with the default data, else a seeded --val-fraction split of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of --data when no --val-data")
+    p.add_argument("--val-fraction", type=T.fraction, default=0.1, help="held-out share of --data when no --val-data")
     p.add_argument("--methods", default=",".join(REFERENCE_ORDER), help="comma-separated methods to run (any "
                    "registered method, a plugin's too)")
-    p.add_argument("--max-train-examples", type=int, default=400,
+    p.add_argument("--max-train-examples", type=T.non_negative_int, default=400,
                    help="train on the first N training examples (0: all). 400 x 3 epochs fits the CPU budget "
                         "and leaves the rest of the demo file for the sweep's validation")
-    p.add_argument("--max-val-examples", type=int, default=160, help="use the first N held-out records (0: all)")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training subset (the reference: 3)")
-    p.add_argument("--evals-per-epoch", type=int, default=4, help="validation-loss evaluations per epoch")
-    p.add_argument("--batch-size", type=int, help="micro-batch size (default 8, or the DeepSpeed config's)")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1, or the DeepSpeed config's)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per example")
+    p.add_argument("--max-val-examples", type=T.non_negative_int, default=160, help="use the first N held-out records (0: all)")
+    p.add_argument("--epochs", type=T.positive_float, default=3.0, help="passes over the training subset (the reference: 3)")
+    p.add_argument("--evals-per-epoch", type=T.positive_int, default=4, help="validation-loss evaluations per epoch")
+    p.add_argument("--batch-size", type=T.batch_size, help="micro-batch size (default 8, or the DeepSpeed config's)")
+    p.add_argument("--grad-accum", type=T.batch_size, help="micro-batches per step (default 1, or the DeepSpeed config's)")
+    p.add_argument("--max-seq-len", type=T.seq_len, default=256, help="tokens per example")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default fp32 (or the DeepSpeed config's)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps with linear warm-up")
+    p.add_argument("--warmup-ratio", type=T.fraction, default=0.05, help="share of steps with linear warm-up")
     p.add_argument("--lr", action="append", metavar="METHOD=LR",
                    help=f"peak lr of one method, or all=LR for every method (repeatable, later wins); default the "
                         f"rate the PEFT registry holds for this budget {default_lrs()}")
     p.add_argument("--sweep", action="store_true", help="choose each method's lr by a sweep first")
     p.add_argument("--sweep-lrs", action="append", metavar="METHOD=LR,LR,...",
                    help=f"a method's sweep grid (repeatable; default the PEFT registry's {sweep_grids()})")
-    p.add_argument("--sweep-epochs", type=float, default=1.0, help="budget of each sweep run")
-    p.add_argument("--sweep-extend", type=int, default=2,
+    p.add_argument("--sweep-epochs", type=T.positive_float, default=1.0, help="budget of each sweep run")
+    p.add_argument("--sweep-extend", type=T.non_negative_int, default=2,
                    help="when the best rate is at an edge of the grid, try up to this many rates beyond it")
-    p.add_argument("--sweep-val-examples", type=int, default=160,
+    p.add_argument("--sweep-val-examples", type=T.non_negative_int, default=160,
                    help="validation records of the sweep: the last N training records, outside the training subset")
     p.add_argument("--no-exact-match", dest="exact_match", action="store_false", help="skip greedy exact match")
-    p.add_argument("--seed", type=int, default=0, help="seed of every init and the data order")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=T.seed, default=0, help="seed of every init and the data order")
+    p.add_argument("--threads", type=T.threads, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", help="cpu, cuda (default: cuda if available)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (tools/ds_configs/*.json), as in tools/finetune.py; a "
                    "config that fixes optimizer.params.lr gives every method that lr (the reference recipe)")
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, help="set by the deepspeed launcher")
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=T.local_rank, help="set by the deepspeed launcher")
     p.add_argument("--out", help="output folder (default runs/compare-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out (its results, "
                    "runs and base folders are removed first; without it such an --out is refused unless --resume)")
@@ -151,14 +153,7 @@ def check_args(args) -> tuple:
                 default_lr(method)
             except PeftConfigError as err:
                 raise CompareError(f"{err} {method}=LR (or --sweep with a grid)") from None
-    for name in ("evals_per_epoch", "max_seq_len", "jobs"):
-        if getattr(args, name) < 1:
-            raise CompareError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_examples", "max_val_examples", "sweep_val_examples"):
-        if getattr(args, name) < 0:
-            raise CompareError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        raise CompareError(f"--threads must be >= 1, got {args.threads}")
+    # (the numbers' ranges are the parser's types: minipeft/cli_types.py)
     bases = None
     if args.bases is not None:
         if args.base is not None:

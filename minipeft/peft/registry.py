@@ -38,6 +38,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
+from .. import cli_types as T
 from .. import memory
 from . import adapter, llama_adapter, lora, prefix, soft_prompt
 from ..family_registry import get_family
@@ -52,7 +53,7 @@ class Flag:
     name: str                                   # "--lora-rank"
     field: str                                  # "rank"
     help: str
-    parse: Callable = str                       # argparse's type= (the text -> the field's value)
+    parse: Callable = str                       # argparse's type=: str, or a validated minipeft.cli_types type
     choices: Optional[Tuple] = None
 
     @property
@@ -171,12 +172,7 @@ def method_of(config) -> PeftMethod:
 
 
 # ---- the built-in methods -----------------------------------------------------------------------
-def _targets(text: str) -> Tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _hidden_or_none(text: str) -> Optional[int]:
-    return int(text) or None        # 0: train the prefix directly
+_hidden_or_none = T.int_range(0, T.MAX_DIM, then=lambda width: width or None)     # 0: train the prefix directly
 
 
 def _install_nothing(model, config, **_) -> dict:
@@ -199,18 +195,18 @@ register(PeftMethod("full", FullConfig, _install_nothing, trains_base=True, titl
 register(PeftMethod("lora", LoRAConfig, lora.install, title="LoRA", learning_rates=_rates("lora"),
                     sweep_grid=SWEEP_GRID["lora"], reference_7b=_lora_7b,
                     closed_form=lambda cfg, c: memory.lora_trainable(cfg, c.rank, c.targets), flags=(
-    Flag("--lora-rank", "rank", "LoRA rank r", int),
-    Flag("--lora-alpha", "alpha", "LoRA scale numerator (scale = alpha / r)", float),
-    Flag("--lora-dropout", "dropout", "dropout on the LoRA branch input", float),
+    Flag("--lora-rank", "rank", "LoRA rank r", T.dim),
+    Flag("--lora-alpha", "alpha", "LoRA scale numerator (scale = alpha / r)", T.positive_float),
+    Flag("--lora-dropout", "dropout", "dropout on the LoRA branch input", T.fraction),
     Flag("--lora-targets", "targets", "comma-separated projections that get LoRA (wq,wk,wv,wo,w1,w2,w3; wqkv "
-         "where the family fuses them)", _targets),
+         "where the family fuses them)", T.names),
 )))
 register(PeftMethod("prompt", PromptConfig, soft_prompt.install,
                     loading_config=lambda c: dataclasses.replace(c, init="random", init_text=None),
                     title="prompt tuning", learning_rates=_rates("prompt"), sweep_grid=SWEEP_GRID["prompt"],
                     reference_7b=lambda cfg: PromptConfig(prompt_len=20, init="random"),
                     closed_form=lambda cfg, c: memory.prompt_trainable(cfg, c.prompt_len), flags=(
-    Flag("--prompt-len", "prompt_len", "soft prompt length P", int),
+    Flag("--prompt-len", "prompt_len", "soft prompt length P", T.seq_len),
     Flag("--prompt-init", "init", "soft prompt init", str, choices=PROMPT_INITS),
     Flag("--prompt-init-text", "init_text", "text whose token embeddings start the soft prompt (--prompt-init text)"),
 )))
@@ -219,7 +215,7 @@ register(PeftMethod("prefix", PrefixConfig, prefix.install,
                     title="prefix tuning", learning_rates=_rates("prefix"), sweep_grid=SWEEP_GRID["prefix"],
                     reference_7b=lambda cfg: PrefixConfig(prefix_len=10, reparam_hidden=512),
                     closed_form=lambda cfg, c: memory.prefix_trainable(cfg, c.prefix_len, c.reparam_hidden), flags=(
-    Flag("--prefix-len", "prefix_len", "prefix length P per layer", int),
+    Flag("--prefix-len", "prefix_len", "prefix length P per layer", T.seq_len),
     Flag("--prefix-hidden", "reparam_hidden", "width of the prefix reparameterisation MLP (0: train the prefix "
          "directly)", _hidden_or_none),
 )))
@@ -227,16 +223,16 @@ register(PeftMethod("adapter", AdapterConfig, adapter.install, title="adapter (H
                     learning_rates=_rates("adapter"), sweep_grid=SWEEP_GRID["adapter"],
                     reference_7b=lambda cfg: AdapterConfig(bottleneck=64),
                     closed_form=lambda cfg, c: memory.adapter_trainable(cfg, c.bottleneck), flags=(
-    Flag("--adapter-bottleneck", "bottleneck", "Houlsby adapter bottleneck m", int),
+    Flag("--adapter-bottleneck", "bottleneck", "Houlsby adapter bottleneck m", T.dim),
 )))
 register(PeftMethod("llama_adapter", LlamaAdapterConfig, llama_adapter.install, title="LLaMA-Adapter",
                     learning_rates=_rates("llama_adapter"), sweep_grid=SWEEP_GRID["llama_adapter"],
                     reference_7b=lambda cfg: LlamaAdapterConfig(prompt_len=10, adapter_layers=min(30, cfg.n_layers)),
                     closed_form=lambda cfg, c: memory.llama_adapter_trainable(
                         cfg, c.prompt_len, c.adapter_layers or min(30, cfg.n_layers)), flags=(
-    Flag("--llama-adapter-len", "prompt_len", "LLaMA-Adapter prompt length K", int),
+    Flag("--llama-adapter-len", "prompt_len", "LLaMA-Adapter prompt length K", T.seq_len),
     Flag("--llama-adapter-layers", "adapter_layers", "top layers L that get the adapter prompt (default: "
-         "min(30, n_layers))", int),
+         "min(30, n_layers))", T.layers),
     Flag("--llama-adapter-gate", "gate", "gate form: tanh(g) (paper) or plain g (lit-llama / peft)", str,
          choices=GATE_KINDS),
 )))
