@@ -21,6 +21,10 @@ data stream is a function of (seed, step), and a resumed run replays it exactly.
 
 Output in the run folder: train_config.json, metrics.jsonl (a JSON object per line: training steps and
 evaluations), checkpoints/ (checkpoints.py) and adapter/ (save_adapter; for "full" a complete checkpoint).
+
+Stopping: SIGTERM or Ctrl-C stops the run after the current step with a checkpoint, one line (TrainStopped) and a
+non-zero exit, resumable; MINIPEFT_STOP_AT_STEP=k does the same after step k (stopping.py). A loss or a weight
+that is no longer finite stops it too (check_finite), and a write that fails (a full disk) is one TrainError.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ from . import checkpoints
 from .config import TrainConfig, TrainError, is_resolved
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
+from .stopping import StopSettingError, StopSignals
+
+
+class TrainStopped(TrainError):
+    """The run was stopped on request (a signal, MINIPEFT_STOP_AT_STEP) after writing a checkpoint."""
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -196,24 +205,47 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "train_config.json", dataclasses.asdict(cfg))
         history = []
+        try:
+            signals = StopSignals()
+        except StopSettingError as err:
+            raise TrainError(str(err)) from None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            metrics = self.train_step()
-            metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
-            history.append(metrics)
-            self.log(metrics)
-            if not metrics["skipped"]:                      # an fp16 overflow skip changed nothing
-                self.check_finite(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                self.log({"eval": True, **self.evaluate()})
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
+        with signals:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
+                history.append(metrics)
+                self.log(metrics)
+                if not metrics["skipped"]:                      # an fp16 overflow skip changed nothing
+                    self.check_finite(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self.log({"eval": True, **self.evaluate()})
+                saved = None
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    saved = self.save_checkpoint()
+                if self.stop_requested(signals):
+                    bar.close()
+                    saved = saved or self.save_checkpoint()
+                    raise TrainStopped(signals.message(self.step, self.total_steps, saved,
+                                                       f"--resume {self.run_dir}"))
         bar.close()
         return history
+
+    def stop_requested(self, signals: StopSignals) -> bool:
+        """signals.after_step, agreed by every rank (a signal may reach the ranks at different steps)."""
+        stop = signals.after_step(self.step)
+        if self.world_size > 1:
+            import torch.distributed as dist
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not stop:
+                signals.reason = "a signal to another rank"
+            stop = bool(flag.item())
+        return stop
 
     def check_finite(self, metrics: dict) -> None:
         """Stop (TrainError) when the loss or a trainable weight is no longer finite: every later step and the
@@ -228,9 +260,13 @@ class Trainer:
     def log(self, metrics: dict) -> None:
         if not self.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as err:           # a full disk, a folder that became read-only
+            raise TrainError(f"{path}: cannot write the metrics ({err.strerror or err})") from None
 
     def clear_run_dir(self) -> None:
         """--overwrite: remove what an earlier run wrote into this run folder (and nothing else)."""
@@ -277,5 +313,9 @@ class Trainer:
     def save_final(self, folder: Optional[Path] = None) -> Path:
         """save_adapter into run_dir/adapter (for "full": a complete checkpoint folder)."""
         folder = Path(folder) if folder is not None else self.run_dir / "adapter"
-        save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (check_config)
+        try:
+            save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (check_config)
+        except OSError as err:           # a full disk: atomic_folder has removed its temporary folder
+            raise TrainError(f"{folder}: cannot write the adapter ({err.strerror or err}); nothing was written "
+                             f"there; the checkpoints in {self.checkpoint_dir} remain") from None
         return folder
