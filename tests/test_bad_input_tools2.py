@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bad_input_helpers import assert_refused, run_in_process, run_tool, snapshot  # noqa: E402
+from bad_input_helpers import assert_refused, run_tool, snapshot, tool_main  # noqa: E402
 from helpers_bloom import train_tiny_bpe  # noqa: E402
 from train_helpers import make_workspace  # noqa: E402
 
@@ -41,6 +41,14 @@ def copy_model(ws, tmp_path, name="model") -> Path:
     folder = tmp_path / name
     shutil.copytree(ws["model"], folder)
     return folder
+
+
+def run_in_process(capsys, tool: str, *args):
+    """(exit code, stderr) of the tool run in-process: its main(argv), or the package's run_command_line."""
+    module = tool_main(tool)
+    entry = getattr(module, "main", None) or module.run_command_line
+    code = entry([str(a) for a in args])
+    return code, capsys.readouterr().err
 
 
 def refused(done: subprocess.CompletedProcess, before, roots, *fragments):
@@ -71,9 +79,9 @@ def test_an_int_weight_is_refused_on_conversion_and_load(ws, tmp_path, capsys):
     save_file(weights, str(folder / "model.safetensors"))
     roots = (folder, tmp_path)
     before = snapshot(*roots)
-    done = run_tool("convert_checkpoint", folder, tmp_path / "converted")
-    refused(done, before, roots, str(folder / "model.safetensors"), "'norm.weight' has dtype int64",
-            "floating-point")
+    code, err = run_in_process(capsys, "convert_checkpoint", folder, tmp_path / "converted")
+    assert_refused(code, err, str(folder / "model.safetensors"), "'norm.weight' has dtype int64", "floating-point",
+                   before=before, roots=roots)
     assert not (tmp_path / "converted").exists()
     with pytest.raises(CheckpointError, match="'norm.weight' has dtype int64"):
         load_model(folder)
@@ -120,9 +128,9 @@ def test_adapter_sizes_are_checked_before_they_are_allocated(ws, tmp_path, capsy
     (prompt / "adapter_config.json").write_text(json.dumps(described))
     roots = (Path(ws["model"]).parent, tmp_path)
     before = snapshot(*roots)
-    done = run_tool("generate", ws["model"], "--prompt", "hi", "--adapter", prompt, "--device", "cpu")
-    refused(done, before, roots, str(prompt / "adapter_config.json"), "config.prompt_len is 1000000000",
-            "max_seq_len 128")
+    code, err = run_in_process(capsys, "generate", ws["model"], "--prompt", "hi", "--adapter", prompt, "--device", "cpu")
+    assert_refused(code, err, str(prompt / "adapter_config.json"), "config.prompt_len is 1000000000",
+                   "max_seq_len 128", before=before, roots=roots)
     # a size within the limits that the saved tensors do not have: refused from the meta-device shapes
     adapter = tmp_path / "adapter"
     save_adapter(apply_peft(load_model(ws["model"]), AdapterConfig(bottleneck=4)), adapter)
@@ -143,8 +151,8 @@ def test_truncated_weight_files(ws, tmp_path, capsys):
     (adapter / "adapter.safetensors").write_bytes(data[:len(data) // 2])
     roots = (Path(ws["model"]).parent, tmp_path)
     before = snapshot(*roots)
-    done = run_tool("generate", folder, "--prompt", "hi", "--device", "cpu")
-    refused(done, before, roots, str(folder / "model.safetensors"))
+    code, err = run_in_process(capsys, "generate", folder, "--prompt", "hi", "--device", "cpu")
+    assert_refused(code, err, str(folder / "model.safetensors"), before=before, roots=roots)
     code, err = run_in_process(capsys, "convert_checkpoint", folder, tmp_path / "out")
     assert_refused(code, err, str(folder / "model.safetensors"), before=before, roots=roots)
     code, err = run_in_process(capsys, "generate", ws["model"], "--prompt", "hi", "--adapter", adapter,
@@ -156,24 +164,25 @@ def test_wrong_family_tokenizer(ws, tmp_path, capsys):
     bpe = train_tiny_bpe(tmp_path, vocab_size=120)          # BLOOM's kind of tokenizer, for a LLaMA model
     roots = (Path(ws["model"]).parent, tmp_path)
     before = snapshot(*roots)
-    done = run_tool("generate", ws["model"], "--prompt", "hi", "--tokenizer", bpe, "--device", "cpu")
-    refused(done, before, roots, str(bpe), "a bloom tokenizer", "llama model")
+    code, err = run_in_process(capsys, "generate", ws["model"], "--prompt", "hi", "--tokenizer", bpe, "--device", "cpu")
+    assert_refused(code, err, str(bpe), "a bloom tokenizer", "llama model", before=before, roots=roots)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 @pytest.mark.parametrize("tool", ["finetune", "pretrain_tiny", "compare_methods", "generate"])
-def test_device_cuda_without_one(ws, tmp_path, tool):
+def test_device_cuda_without_one(ws, tmp_path, capsys, tool):
     args = {"finetune": ["--model", ws["model"], "--train-data", ws["train"], "--out", tmp_path / "run"],
             "pretrain_tiny": ["--corpus", ws["train"], "--out", tmp_path / "run", "--steps", "1"],
             "compare_methods": ["--base", ws["model"], "--data", ws["train"], "--out", tmp_path / "run"],
             "generate": [ws["model"], "--prompt", "hi"]}[tool]
     roots = (Path(ws["model"]).parent, tmp_path)
     before = snapshot(*roots)
-    refused(run_tool(tool, *args, "--device", "cuda"), before, roots, "--device cuda")
+    code, err = run_in_process(capsys, tool, *args, "--device", "cuda")
+    assert_refused(code, err, "--device cuda", before=before, roots=roots)
 
 
 @pytest.mark.parametrize("tool", ["finetune", "pretrain_tiny", "convert_checkpoint"])
-def test_out_under_a_file(ws, tmp_path, tool):
+def test_out_under_a_file(ws, tmp_path, capsys, tool):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder\n")
     out = blocker / "run"
@@ -183,4 +192,5 @@ def test_out_under_a_file(ws, tmp_path, tool):
             "convert_checkpoint": [ws["model"], out]}[tool]
     roots = (Path(ws["model"]).parent, tmp_path)
     before = snapshot(*roots)
-    refused(run_tool(tool, *args), before, roots, str(blocker))
+    code, err = run_in_process(capsys, tool, *args)
+    assert_refused(code, err, str(blocker), before=before, roots=roots)

@@ -177,6 +177,15 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
         raise PretrainError(str(err)) from None
     if args.tokenizer is None and tok.vocab_size != vocab_size:
         raise PretrainError(f"{tokenizer_path} has {tok.vocab_size} pieces, --vocab-size is {vocab_size}")
+    state = None
+    if args.resume is not None:      # before anything is written: the state file and the inputs it was made from
+        if not args.resume.is_file():
+            raise PretrainError(f"--resume {args.resume}: no such file")
+        state = load_plain(args.resume, "train_state.pt of pretrain_tiny.py", PretrainError)
+        if not isinstance(state, dict) or not {"config", "model", "optimizer", "step", "history"} <= set(state):
+            raise PretrainError(f"--resume {args.resume}: not a train_state.pt of pretrain_tiny.py")
+        check_digests(state.get("inputs", {}), input_identity(args, corpus, tokenizer_path), f"--resume {args.resume}",
+                      PretrainError)
     samples = SampleLayout(family, args.seq_len, tok.bos_id, getattr(tok, "gmask_id", None), getattr(tok, "sop_id", None))
 
     # ---- tokenise ----
@@ -247,13 +256,6 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
 
     start_kind = "random_init" if initial_model is None else "initial"
     if args.resume is not None:
-        if not args.resume.is_file():
-            raise PretrainError(f"--resume {args.resume}: no such file")
-        state = load_plain(args.resume, "train_state.pt of pretrain_tiny.py", PretrainError)
-        if not isinstance(state, dict) or not {"config", "model", "optimizer", "step", "history"} <= set(state):
-            raise PretrainError(f"--resume {args.resume}: not a train_state.pt of pretrain_tiny.py")
-        check_digests(state.get("inputs", {}), input_identity(args, corpus, tokenizer_path), f"--resume {args.resume}",
-                      PretrainError)
         if state["config"] != cfg.to_dict():
             raise PretrainError(f"--resume {args.resume}: saved config {state['config']} differs from the "
                                 f"flags' config {cfg.to_dict()}")

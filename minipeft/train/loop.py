@@ -41,6 +41,7 @@ import torch
 from ..data import collate, epoch_order
 from ..distributed import world_info
 from ..fileio import write_atomic, write_json_atomic
+from ..checkpoint import CheckpointError
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
 from .config import TrainConfig, TrainError, is_resolved
@@ -313,9 +314,10 @@ class Trainer:
     def save_final(self, folder: Optional[Path] = None) -> Path:
         """save_adapter into run_dir/adapter (for "full": a complete checkpoint folder)."""
         folder = Path(folder) if folder is not None else self.run_dir / "adapter"
+        from safetensors import SafetensorError
         try:
             save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (check_config)
-        except OSError as err:           # a full disk: atomic_folder has removed its temporary folder
-            raise TrainError(f"{folder}: cannot write the adapter ({err.strerror or err}); nothing was written "
+        except (OSError, SafetensorError, CheckpointError) as err:   # a full disk: the temporary folder is gone
+            raise TrainError(f"{folder}: cannot write the adapter ({checkpoints.write_failure(err)}); nothing was written "
                              f"there; the checkpoints in {self.checkpoint_dir} remain") from None
         return folder
