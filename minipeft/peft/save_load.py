@@ -131,8 +131,8 @@ def _check_sizes(base_model: nn.Module, config, tensors: dict, source: str, weig
         return
     for key in sorted(set(expected) & set(tensors)):
         if tuple(tensors[key].shape) != expected[key]:
-            raise PeftConfigError(f"{weights_path}: tensor {key} has shape {tuple(tensors[key].shape)}, but "
-                                  f"{ADAPTER_CONFIG_NAME} implies {expected[key]} on this base")
+            raise PeftConfigError(f"{weights_path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected "
+                                  f"{expected[key]} (from {ADAPTER_CONFIG_NAME}, on this base)")
 
 
 def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None,

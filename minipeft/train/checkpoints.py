@@ -223,6 +223,21 @@ def find(where: Path) -> Path:
     return where
 
 
+def forget_metrics_after(path: Path, step: int) -> None:
+    """After a resume at `step`: drop the lines of metrics.jsonl of the steps that will be replayed (and a line
+    cut short by the kill)."""
+    if not path.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:
+            return False
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(line)]
+    write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
+
+
 def resume(trainer, where) -> None:
     """Load the newest checkpoint of `where` into the trainer (parameters, optimizer, schedule, RNG, step)."""
     path = find(Path(where))

@@ -21,10 +21,7 @@ data stream is a function of (seed, step), and a resumed run replays it exactly.
 
 Output in the run folder: train_config.json, metrics.jsonl (a JSON object per line: training steps and
 evaluations), checkpoints/ (checkpoints.py) and adapter/ (save_adapter; for "full" a complete checkpoint).
-
-Stopping: SIGTERM or Ctrl-C stops the run after the current step with a checkpoint, one line (TrainStopped) and a
-non-zero exit, resumable; MINIPEFT_STOP_AT_STEP=k does the same after step k (stopping.py). A loss or a weight
-that is no longer finite stops it too (check_finite), and a write that fails (a full disk) is one TrainError.
+SIGTERM, Ctrl-C or MINIPEFT_STOP_AT_STEP=k stop it after a step with a checkpoint (TrainStopped; stopping.py).
 """
 
 from __future__ import annotations
@@ -40,14 +37,14 @@ import torch
 
 from ..data import collate, epoch_order
 from ..distributed import world_info
-from ..fileio import write_atomic, write_json_atomic
+from ..fileio import write_json_atomic
 from ..checkpoint import CheckpointError
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
 from .config import TrainConfig, TrainError, is_resolved
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
-from .stopping import StopSettingError, StopSignals
+from .stopping import StopSignals
 
 
 class TrainStopped(TrainError):
@@ -206,10 +203,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "train_config.json", dataclasses.asdict(cfg))
         history = []
-        try:
-            signals = StopSignals()
-        except StopSettingError as err:
-            raise TrainError(str(err)) from None
+        signals = StopSignals()                             # (a bad MINIPEFT_STOP_AT_STEP: a TrainError)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         with signals:
@@ -228,25 +222,13 @@ class Trainer:
                 saved = None
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     saved = self.save_checkpoint()
-                if self.stop_requested(signals):
+                if signals.agreed_stop(self.step, self.world_size):
                     bar.close()
                     saved = saved or self.save_checkpoint()
                     raise TrainStopped(signals.message(self.step, self.total_steps, saved,
                                                        f"--resume {self.run_dir}"))
         bar.close()
         return history
-
-    def stop_requested(self, signals: StopSignals) -> bool:
-        """signals.after_step, agreed by every rank (a signal may reach the ranks at different steps)."""
-        stop = signals.after_step(self.step)
-        if self.world_size > 1:
-            import torch.distributed as dist
-            flag = torch.tensor([float(stop)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not stop:
-                signals.reason = "a signal to another rank"
-            stop = bool(flag.item())
-        return stop
 
     def check_finite(self, metrics: dict) -> None:
         """Stop (TrainError) when the loss or a trainable weight is no longer finite: every later step and the
@@ -283,17 +265,8 @@ class Trainer:
     def forget_metrics_after(self, step: int) -> None:
         """After a resume at `step`: drop the metrics lines of the steps that will be replayed (and a line cut
         short by the kill)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.is_main or not path.is_file():
-            return
-
-        def keep(line: str) -> bool:
-            try:
-                return json.loads(line).get("step", 0) <= step
-            except json.JSONDecodeError:
-                return False
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(line)]
-        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
+        if self.is_main:
+            checkpoints.forget_metrics_after(self.run_dir / "metrics.jsonl", step)
 
     # -- checkpoints (checkpoints.py) and the final adapter
     @property

@@ -23,10 +23,12 @@ import signal
 import threading
 from typing import Optional, Tuple
 
+from .config import TrainError
+
 STOP_AT_STEP_ENV = "MINIPEFT_STOP_AT_STEP"
 
 
-class StopSettingError(ValueError):
+class StopSettingError(TrainError):
     """MINIPEFT_STOP_AT_STEP holds something other than k or k:SIGNAL."""
 
 
@@ -82,6 +84,19 @@ class StopSignals:
             else:
                 os.kill(os.getpid(), sig)            # SIGTERM comes back through _handle; SIGSTOP waits here
         return self.reason is not None
+
+    def agreed_stop(self, step: int, world_size: int) -> bool:
+        """after_step, agreed by every rank (a signal may reach the ranks at different steps)."""
+        stop = self.after_step(step)
+        if world_size > 1:
+            import torch
+            import torch.distributed as dist
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not stop:
+                self.reason = "a signal to another rank"
+            stop = bool(flag.item())
+        return stop
 
     def message(self, step: int, total: int, checkpoint, resume_hint: str) -> str:
         return (f"stopped by {self.reason} after step {step} of {total}; checkpoint {checkpoint} written; "
