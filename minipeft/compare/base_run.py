@@ -61,10 +61,10 @@ def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_giv
     if args.resume and (out / "results.json").is_file():
         earlier = earlier_results(out / "results.json")
         if earlier is not None and earlier.get("identity") == identity:
-            say(f"--resume: {out / 'results.json'} was made with these settings and inputs; kept")
+            say(f"--resume: {out / 'results.json'} was made with these settings; kept")
             return earlier
-        say(f"--resume: {out / 'results.json'} was made with other settings or inputs (or is unreadable); "
-            f"running again")
+        say(f"--resume: {out / 'results.json'} was made with other settings; running again" if earlier is not None
+            else f"--resume: {out / 'results.json'} cannot be read; running again")
     started = time.perf_counter()
     # prepare_run fills in its method's default rate for a real base, which the shared settings never use (each
     # method gets its own rate below): prepare with a method that has one, when the first method has none.
