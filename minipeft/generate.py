@@ -29,6 +29,8 @@ ChatGLM and a PeftModel all work (a model without `head` is asked for its logits
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,6 +40,20 @@ from .kv_cache import StaticCache
 
 class GenerationError(ValueError):
     """Arguments generate() cannot work with; the message names the argument."""
+
+
+# The cache holds every position a row sees: its virtual tokens (a prefix, a soft prompt), its padded prompt and
+# max_new_tokens - 1 new tokens, and it is allocated at full length up front. So max_new_tokens is limited before
+# anything is allocated, to CACHE_LIMIT_FACTOR x the model's max_seq_len (positions past max_seq_len were never
+# trained; the factor leaves room to try, and stops a typo such as 10**12 from allocating a cache that size).
+CACHE_LIMIT_FACTOR = 4
+
+
+def max_new_tokens_limit(model) -> Optional[int]:
+    """The most new tokens generate() makes room for with this model (None: a model without a config)."""
+    config = getattr(model, "config", None)
+    max_seq_len = getattr(config, "max_seq_len", None)
+    return None if max_seq_len is None else CACHE_LIMIT_FACTOR * max_seq_len
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -75,7 +91,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
              seed: Optional[int] = None, pad_id: int = 0) -> List[List[int]]:
     """Returns the new tokens of each prompt (a row that emits eos_id ends with it and stops there).
     Greedy when temperature == 0 (top_k / top_p / seed are then unused)."""
-    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
+    check_generation(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
     batch_size, longest = len(prompts), max(len(p) for p in prompts)
 
@@ -143,17 +159,42 @@ def next_position_ids(model, position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids[:, -1:] + 1                                                 # (B, 1)
 
 
+def check_generation(model, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None) -> None:
+    """What generate() checks before it allocates anything (GenerationError naming the argument): the values,
+    the token ids against the embedding rows, max_new_tokens against max_new_tokens_limit."""
+    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_fits_model(model, prompts, max_new_tokens)
+
+
+def _check_fits_model(model, prompts, max_new_tokens) -> None:
+    """Every token id has an embedding row, and max_new_tokens is within max_new_tokens_limit (GenerationError)."""
+    config = getattr(model, "config", None)
+    rows = getattr(config, "vocab_size", None)
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in map(int, prompt) if t < 0 or (rows is not None and t >= rows)]
+        if bad:
+            raise GenerationError(f"prompts[{i}] holds token id {bad[0]}, but the model's embedding has "
+                                  f"{rows} rows (ids 0 .. {rows - 1}); is the tokenizer the model's?" if rows is not None
+                                  else f"prompts[{i}] holds the negative token id {bad[0]}")
+    limit = max_new_tokens_limit(model)
+    if limit is not None and max_new_tokens > limit:
+        raise GenerationError(f"max_new_tokens {max_new_tokens}: more than this model's limit of {limit} new tokens "
+                              f"({CACHE_LIMIT_FACTOR} x its max_seq_len {config.max_seq_len}; the cache is allocated "
+                              f"for all of them up front)")
+
+
 def _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p) -> None:
     if len(prompts) == 0:
         raise GenerationError("prompts is empty; expected a list of token-id lists")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise GenerationError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise GenerationError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not (0 < top_p <= 1):                                  # nan fails too
         raise GenerationError(f"top_p must be in (0, 1] or None, got {top_p}")

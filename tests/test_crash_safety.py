@@ -1,4 +1,4 @@
-"""Crash safety, as a user would meet it: `kill -9` at a random point of a plain run and of a 2-rank DeepSpeed
+"""Crash safety, as a user would meet it: `kill -9` at a random step of a plain run and of a 2-rank DeepSpeed
 run (LoRA with dropout, so the RNG state matters), then `--resume`: the final adapter is bit-identical to the one
 of an uninterrupted run and metrics.jsonl holds every step once. And a kill at each write step of save_adapter,
 save_model, convert_checkpoint and tools/extend_vocab.py never leaves a folder that loads as complete but is not.
@@ -7,6 +7,10 @@ The writers are killed from inside (a forked child SIGKILLs itself just before i
 a file write, a copy, a chmod, a rename), for every k, since a timed kill would almost always land outside
 a save of a tiny model. A kill in the middle of writing a file is the same case as a kill before its rename:
 the bytes are under a temporary name.
+
+The runs are stopped at their step deterministically, not by a timed race: MINIPEFT_STOP_AT_STEP=k:SIGSTOP
+(minipeft/train/stopping.py) freezes each training process right after step k and its checkpoint, and the test
+then kills -9 the launcher and every process it started.
 """
 
 import json
@@ -81,24 +85,29 @@ def is_zombie(pid: int) -> bool:
         return True
 
 
+def is_stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except OSError:
+        return False
+
+
 def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int, seed: int,
-                          complete: str = "step-{k:06d}.pt") -> int:
-    """Start `command`, kill -9 it and every process it started at a random point after checkpoint step k
-    (k random) is complete (`complete`: its file, or a DeepSpeed tag's mark); returns k. Fails when the run
-    ended before the kill."""
+                          complete: str = "step-{k:06d}.pt", ranks: int = 1) -> int:
+    """Start `command` with MINIPEFT_STOP_AT_STEP=k:SIGSTOP (k random): each of its `ranks` training processes
+    freezes itself right after step k and its checkpoint (`complete`: its file, or a DeepSpeed tag's mark); then
+    kill -9 it and every process it started; returns k. Fails when the run ended before the kill."""
     rng = random.Random(seed)
     k = rng.randint(1, steps // 3)
     log = run_dir.parent / f"{run_dir.name}.stderr"           # a file, not a pipe nobody reads (it would fill)
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(command, cwd=ROOT, env=tool_env(), stdout=subprocess.DEVNULL, stderr=stderr,
-                                start_new_session=True, preexec_fn=lambda: os.nice(5))   # the watcher stays ahead
+        proc = subprocess.Popen(command, cwd=ROOT, env=tool_env(MINIPEFT_STOP_AT_STEP=f"{k}:SIGSTOP"),
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + 240
-    # Any complete checkpoint at step >= k counts: with --keep-checkpoints the run may already have rotated step
-    # k away when a starved watcher looks (a loaded machine), and the kill must still land mid-run.
-    while (not any((checkpoints / complete.format(k=j)).exists() for j in range(k, steps + 1))
-           and proc.poll() is None and time.monotonic() < deadline):
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.01))
+    while proc.poll() is None and time.monotonic() < deadline:
+        if sum(map(is_stopped, [proc.pid] + descendants(proc.pid))) >= ranks:
+            break
+        time.sleep(0.05)
     family = [proc.pid] + descendants(proc.pid)      # torchrun's ranks are not in its process group
     for pid in family:
         try:
@@ -110,6 +119,7 @@ def kill_after_checkpoint(command, run_dir: Path, checkpoints: Path, steps: int,
         time.sleep(0.01)
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     assert not (run_dir / "adapter").exists(), "the run finished before the kill: the test would prove nothing"
+    assert (checkpoints / complete.format(k=k)).exists(), f"step {k}'s checkpoint is not complete"
     newest = max(int(p.name[5:11]) for p in checkpoints.glob("step-*"))
     assert newest < steps - 1, f"killed only at step {newest} of {steps}: too late to test much"
     return k
@@ -156,7 +166,7 @@ def test_deepspeed_two_ranks_killed_and_resumed_is_bit_identical(ws, tmp_path):
     run_dir = tmp_path / "killed"
     kill_after_checkpoint(launch_on_a_free_port() + run_flags(ws, run_dir, steps), run_dir,
                           run_dir / "checkpoints" / "deepspeed", steps, seed=2,
-                          complete="step-{k:06d}/minipeft_complete.json")
+                          complete="step-{k:06d}/minipeft_complete.json", ranks=2)
     done = subprocess.run(launch_on_a_free_port() + run_flags(ws, run_dir, steps) + ["--resume", str(run_dir)], cwd=ROOT,
                           env=tool_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from minipeft import cli_types as T
-from minipeft.checkpoint import DTYPES, folder_tokenizer
+from minipeft.checkpoint import DTYPES, check_tokenizer_family, folder_tokenizer
 from minipeft.cli_errors import run_main
 from minipeft.families import get_family, tokenizer_for
-from minipeft.generate import generate
+from minipeft.generate import check_generation, generate
 from minipeft.peft.inference import load_model_with_adapter, precision_context
 from minipeft.plugins import PluginError, add_plugin_flag, load_plugins
 
@@ -74,12 +74,14 @@ def main(argv=None) -> int:
         model = load_model_with_adapter(args.checkpoint, args.adapter, dtype=DTYPES[args.dtype], device=args.device)
         family = model.config.family
         tokenizer = tokenizer_for(family, tokenizer_path)
+        check_tokenizer_family(tokenizer, family, tokenizer_path)
         if tokenizer.vocab_size > model.config.vocab_size:
             print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
                   f"{model.config.vocab_size}", file=sys.stderr)
             return 1
         texts = [get_family(family).prompt_format.render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
+        check_generation(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         limit = model.config.max_seq_len
         for i, prompt in enumerate(prompts):
             if len(prompt) + args.max_new_tokens > limit:

@@ -37,7 +37,8 @@ The files of this package:
 """
 
 from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPES, INDEX_NAME, TOKENIZER_JSON_NAME, TOKENIZER_NAME,
-                    TOKENIZER_NAMES, WEIGHTS_NAME, CheckpointError, TensorChecker, check_tokenizer_fits,
+                    TOKENIZER_NAMES, WEIGHTS_NAME, CheckpointError, TensorChecker, check_tokenizer_family,
+                    check_tokenizer_fits,
                     expected_shapes, folder_tokenizer, tokenizer_vocab_size)
 from .hf_bloom import bloom_config_from_hf, bloom_module_to_hf, hf_bloom_key_to_ours
 from .folder import convert_checkpoint, iter_checkpoint_tensors, load_model, save_model, write_model_files
@@ -48,6 +49,6 @@ from .writer import parse_size
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "TOKENIZER_NAME", "TOKENIZER_JSON_NAME", "TOKENIZER_NAMES",
            "folder_tokenizer", "bloom_config_from_hf", "bloom_module_to_hf", "hf_bloom_key_to_ours", "DEFAULT_MAX_SHARD_SIZE", "DTYPES",
            "CheckpointError", "TensorChecker", "expected_shapes", "tokenizer_vocab_size", "convert_checkpoint",
-           "iter_checkpoint_tensors", "load_model", "save_model", "write_model_files", "check_tokenizer_fits", "hf_key_to_ours", "hf_tensor_to_ours",
+           "iter_checkpoint_tensors", "load_model", "save_model", "write_model_files", "check_tokenizer_fits", "check_tokenizer_family", "hf_key_to_ours", "hf_tensor_to_ours",
            "ours_module_to_hf", "permute_for_hf", "unpermute_hf_rotary", "READERS", "detect_format",
            "open_checkpoint", "parse_size"]

@@ -4,7 +4,9 @@ Every error is a CheckpointError that names the file (and the key)."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -40,11 +42,34 @@ def expected_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")     # layers.3. (ours, HF LLaMA, ChatGLM), h.3. (BLOOM)
+
+
+def check_config_fits_files(cfg: ModelConfig, shapes: Dict[str, Tuple[int, ...]], config_source: str,
+                            files: str) -> None:
+    """Cheap checks of a config against the tensor names and shapes of its weight files (safetensors headers,
+    an index's names), before a model is built from the config: the number of layers, and that the files hold
+    at least the embedding's vocab_size x dim numbers. CheckpointError naming the config file otherwise."""
+    layers = {int(m.group(1)) for key in shapes if (m := LAYER_INDEX.search(key))}
+    if layers and cfg.n_layers != max(layers) + 1:
+        raise CheckpointError(f"{config_source}: n_layers is {cfg.n_layers} but the weight files ({files}) hold "
+                              f"{max(layers) + 1} layers (0 .. {max(layers)}); the config does not describe them")
+    numbers = sum(math.prod(shape) for shape in shapes.values() if shape is not None)
+    if numbers and cfg.vocab_size * cfg.dim > numbers:
+        raise CheckpointError(f"{config_source}: vocab_size {cfg.vocab_size} x dim {cfg.dim} is more numbers than "
+                              f"the weight files ({files}) hold in all ({numbers:,}); the config does not describe them")
+
+
 class TensorChecker:
-    """Checks a stream of (key, tensor, file) against the expected names and shapes, one at a time."""
+    """Checks a stream of (key, tensor, file) against the expected names, shapes and kinds (a floating-point
+    weight must come as floating point), one at a time."""
 
     def __init__(self, cfg: ModelConfig, config_source: str):
-        self.expected = expected_shapes(cfg)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        state = model.state_dict()
+        self.expected = {name: tuple(t.shape) for name, t in state.items()}
+        self.floating = {name for name, t in state.items() if t.is_floating_point()}
         self.config_source = config_source
         self.seen: Dict[str, str] = {}   # key -> file it came from
 
@@ -57,6 +82,9 @@ class TensorChecker:
         if tuple(tensor.shape) != self.expected[key]:
             raise CheckpointError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, but {self.config_source} "
                                   f"implies {self.expected[key]}")
+        if key in self.floating and not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {key!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                                  f"expected a floating-point weight (float32, float16 or bfloat16)")
         self.seen[key] = source
 
     def finish(self, where: str) -> None:
@@ -75,6 +103,25 @@ def _safetensors_keys(path: Path) -> List[str]:
             return list(f.keys())
     except Exception as e:  # safetensors raises its own error types for a bad header / truncated file
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def weight_file_shapes(files: List[Tuple[Path, Optional[List[str]]]]) -> Dict[str, Tuple[int, ...]]:
+    """key -> shape of every tensor of the weight files, from the safetensors headers (no tensor is read) or a
+    memory-mapped .bin/.pth (no tensor is paged in)."""
+    from safetensors import safe_open
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for path, _ in files:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+            except Exception as e:  # noqa: BLE001 - safetensors' own error types for a bad header
+                raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        else:
+            shapes.update({key: tuple(t.shape) if isinstance(t, torch.Tensor) else None
+                           for key, t in torch_load(path).items()})
+    return shapes
 
 
 def _iter_safetensors(path: Path, keys: Optional[List[str]] = None) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -153,6 +200,16 @@ def check_tokenizer_fits(path: Path, vocab_size: int, where: str, allow_extra_mo
     if not fits:
         raise CheckpointError(f"{path}: tokenizer has {pieces} pieces but the model's vocabulary is not that "
                               f"size: {where} gives it a vocabulary of {vocab_size}")
+
+
+def check_tokenizer_family(tokenizer, family: str, path) -> None:
+    """A tokenizer made for `family` (family_registry.tokenizer_for) must be that family's kind: LLaMA's Tokenizer
+    reads a tokenizer.json as BLOOM's byte-level BPE, which a LLaMA model cannot use (CheckpointError)."""
+    from ..family_registry import get_family
+    made_by = get_family(family).tokenizer
+    if isinstance(made_by, type) and type(tokenizer) is not made_by and getattr(tokenizer, "family", family) != family:
+        raise CheckpointError(f"{path}: a {tokenizer.family} tokenizer ({type(tokenizer).__name__}), but the model is "
+                              f"a {family} model, whose tokenizer is a {made_by.__name__}")
 
 
 def weight_files(folder: Path, single: str, index: str) -> Optional[List[Tuple[Path, Optional[List[str]]]]]:

@@ -167,6 +167,10 @@ def _v2_tensor(hf_key: str, tensor: torch.Tensor, cfg: ModelConfig) -> Optional[
         return [(f"{top[rest]}.{param}", tensor)]
     layer = f"layers.{index}"
     if rest == "self_attention.query_key_value":
+        rows = cfg.n_heads * cfg.head_dim + 2 * cfg.kv_dim
+        if tensor.shape[0] != rows:
+            raise ValueError(f"{tensor.shape[0]} rows, but {cfg.n_heads} heads and {cfg.n_kv_heads} key/value groups "
+                             f"(multi_query_group_num) of {cfg.head_dim} give {rows}")
         q, k, v = tensor.split([cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
         return [(f"{layer}.attention.{name}.{param}", t.contiguous()) for name, t in (("wq", q), ("wk", k), ("wv", v))]
     if rest == "mlp.dense_h_to_4h":

@@ -12,9 +12,9 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..family_registry import get_family, hf_readers
-from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, check_tokenizer_fits,
-                    expected_shapes, folder_tokenizer, iter_weight_files, read_json, tokenizer_vocab_size, torch_load,
-                    weight_files)
+from .files import (CONFIG_NAME, INDEX_NAME, TOKENIZER_NAME, WEIGHTS_NAME, CheckpointError, check_config_fits_files,
+                    check_tokenizer_fits, expected_shapes, folder_tokenizer, iter_weight_files, read_json,
+                    tokenizer_vocab_size, torch_load, weight_file_shapes, weight_files)
 from .hf_bloom import bloom_config_from_hf, hf_bloom_tensor_to_ours
 from .hf_chatglm import chatglm_config, chatglm_tensor_to_ours, chatglm_tokenizer_file
 from .hf_llama import hf_tensor_to_ours
@@ -71,6 +71,21 @@ class _Reader:
     def tensors(self, cfg: ModelConfig) -> Iterator[Tuple[str, torch.Tensor, str]]:
         raise NotImplementedError
 
+    def weight_file_list(self) -> Optional[List[Tuple[Path, Optional[List[str]]]]]:
+        """The weight files (and the keys an index gives each), None when there are none."""
+        return None
+
+    def file_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return weight_file_shapes(self.weight_file_list() or [])
+
+    def check_files(self, cfg: ModelConfig) -> ModelConfig:
+        """The config against the weight files' names and shapes (headers only), before a model is built."""
+        files = self.weight_file_list()
+        if files:
+            check_config_fits_files(cfg, self.file_shapes(), str(self.folder / self.config_file),
+                                    ", ".join(sorted({path.name for path, _ in files})))
+        return cfg
+
 
 class _OursReader(_Reader):
     format, config_file = "ours", CONFIG_NAME
@@ -83,10 +98,13 @@ class _OursReader(_Reader):
         # ChatGLM's embeddings have more rows than its SentencePiece model has pieces (padding, appended specials)
         _check_tokenizer(self.folder, cfg, CONFIG_NAME,
                          allow_extra_model_rows=get_family(cfg.family).tokenizer_may_be_smaller)
-        return cfg
+        return self.check_files(cfg)
+
+    def weight_file_list(self):
+        return weight_files(self.folder, WEIGHTS_NAME, INDEX_NAME)
 
     def tensors(self, cfg):
-        files = weight_files(self.folder, WEIGHTS_NAME, INDEX_NAME)
+        files = self.weight_file_list()
         if files is None:
             raise CheckpointError(f"{self.folder}: no {WEIGHTS_NAME} or {INDEX_NAME} next to {CONFIG_NAME}")
         yield from iter_weight_files(files)
@@ -144,12 +162,15 @@ class _HFReader(_Reader):
         if self.tokenizer_path is not None:
             _check_tokenizer(self.folder, cfg, CONFIG_NAME, allow_extra_model_rows=True,
                              tokenizer_path=self.tokenizer_path)
-        return cfg
+        return self.check_files(cfg)
+
+    def weight_file_list(self):
+        return (weight_files(self.folder, "model.safetensors", "model.safetensors.index.json")
+                or weight_files(self.folder, "pytorch_model.bin", "pytorch_model.bin.index.json"))
 
     def tensors(self, cfg):
         family = self.family
-        files = (weight_files(self.folder, "model.safetensors", "model.safetensors.index.json")
-                 or weight_files(self.folder, "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        files = self.weight_file_list()
         if files is None:
             raise CheckpointError(f"{self.folder}: Hugging Face config.json found but no weights: expected "
                                   f"model.safetensors, pytorch_model.bin, or a sharded *.index.json")
@@ -158,6 +179,11 @@ class _HFReader(_Reader):
                 converted = family.tensor_to_ours(hf_key, tensor, cfg)
             except KeyError:
                 raise CheckpointError(f"{source}: unexpected key {hf_key!r} (not {family.what})") from None
+            except (RuntimeError, ValueError) as e:    # a split or a view that the config's shapes do not fit
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{source}: {hf_key!r} has shape {tuple(tensor.shape)}, which "
+                                      f"{self.folder / CONFIG_NAME} does not fit ({str(e).splitlines()[0]})") from None
             if converted is None:
                 continue
             for key, our_tensor in (converted if isinstance(converted, list) else [converted]):
@@ -207,7 +233,16 @@ class _MetaReader(_Reader):
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         _check_tokenizer(self.folder, cfg, "params.json")
-        return cfg
+        return self.check_files(cfg)
+
+    def weight_file_list(self):
+        try:
+            return [(self.shard_paths()[0], None)]
+        except CheckpointError:       # no shards: tensors() says so
+            return None
+
+    def file_shapes(self):            # names only: shard 0 holds a part of each split weight
+        return {key: None for key in torch_load(self.shard_paths()[0])}
 
     def tensors(self, cfg):
         paths = self.shard_paths()

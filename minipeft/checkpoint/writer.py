@@ -39,9 +39,14 @@ class ShardWriter:
         self.num_parameters += tensor.numel()
 
     def _flush(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
         path = self.folder / f"shard-{len(self.written):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+        except (SafetensorError, OSError) as e:     # a full disk: the caller's temporary folder is removed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.folder.parent}: cannot write the weights there ({reason})") from None
         self.written.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

@@ -19,6 +19,7 @@ import torch
 from ..fileio import write_text_atomic
 from ..peft import get_method
 from ..train import TrainConfig, load_deepspeed_config, prepare_run, resolve_deepspeed_config, world_info
+from ..train.checkpoints import input_digests
 from ..train.prepare import with_family_defaults
 from .method_run import run_method
 from .methods import default_lr
@@ -29,13 +30,27 @@ from .table_7b import table_7b, table_7b_markdown
 
 # Flags that change no number of a base's run (they say where and how many at once).
 NOT_IN_IDENTITY = ("bases", "base", "jobs", "out", "resume", "plot", "local_rank", "only_7b_table", "models_7b")
+# Flags that name files: their content counts (train.checkpoints.input_digests), not their path.
+BY_CONTENT = ("data", "val_data", "deepspeed")
 
 
-def run_identity(args, base_folder: str) -> dict:
-    """What a base's numbers depend on: every other flag and the base folder (for --resume). The plugins count
-    only when some are given (so a run without them keeps the identity it had before there were plugins)."""
-    return {**{k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_IDENTITY and not (k == "plugin" and not v)},
-            "base_folder": str(Path(base_folder).resolve())}
+def run_identity(args, base_folder: str, data_path, val_path) -> dict:
+    """What a base's numbers depend on (for --resume): every other flag, and by content the base folder (weights
+    and tokenizer), the training and held-out files and the DeepSpeed config. The plugins count only when some
+    are given (so a run without them keeps the identity it had before there were plugins)."""
+    flags = {k: v for k, v in sorted(vars(args).items())
+             if k not in NOT_IN_IDENTITY + BY_CONTENT and not (k == "plugin" and not v)}
+    return {**flags, "content": input_digests(base_model=base_folder, deepspeed=args.deepspeed,
+                                              files={"data": data_path, "val_data": val_path})}
+
+
+def earlier_results(path: Path):
+    """The results.json a --resume may keep, or None when it cannot be read (then the base runs again)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return earlier if isinstance(earlier, dict) else None
 
 
 def rank_zero() -> bool:
@@ -46,18 +61,19 @@ def run_base(args, base_folder: str, out: Path, command: str, *, methods, lr_giv
     """The sweep and the comparison on one base; writes out/results.json, results.md, loss_curves.png (rank 0).
     Returns everything results.json holds, or raises TrainError / ValueError for a bad base or data.
     With --resume a results.json already in `out` with the same run_identity is returned as it is."""
-    identity = json.loads(json.dumps(run_identity(args, base_folder)))
+    data_path = args.data or shipped("demo_data/train.json")
+    val_path = args.val_data or (shipped("demo_data/heldout.json") if args.data is None else None)
+    identity = json.loads(json.dumps(run_identity(args, base_folder, data_path, val_path)))
     if args.resume and (out / "results.json").is_file():
-        earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
-        if earlier.get("identity") == identity:
+        earlier = earlier_results(out / "results.json")
+        if earlier is not None and earlier.get("identity") == identity:
             say(f"--resume: {out / 'results.json'} was made with these settings; kept")
             return earlier
-        say(f"--resume: {out / 'results.json'} was made with other settings; running again")
+        say(f"--resume: {out / 'results.json'} was made with other settings; running again" if earlier is not None
+            else f"--resume: {out / 'results.json'} cannot be read; running again")
     if args.resume and rank_zero() and (out / "runs").is_dir():
         shutil.rmtree(out / "runs")       # run again: the methods' run folders start afresh (not appended to)
     started = time.perf_counter()
-    data_path = args.data or shipped("demo_data/train.json")
-    val_path = args.val_data or (shipped("demo_data/heldout.json") if args.data is None else None)
     # prepare_run fills in its method's default rate for a real base, which the shared settings never use (each
     # method gets its own rate below): prepare with a method that has one, when the first method has none.
     prepare_method = next((m for m in methods if get_method(m).learning_rates.real_base is not None), "full")

@@ -108,6 +108,33 @@ def check_fingerprint(saved: dict, base_config, source: str) -> None:
                 f"{key} = {current.get(key, '<missing>')!r}; this adapter was trained on another base model")
 
 
+# Sizes that count positions in front of the real tokens: never more than the base's context (max_seq_len).
+POSITION_FIELDS = ("prompt_len", "prefix_len")
+
+
+def _check_sizes(base_model: nn.Module, config, tensors: dict, source: str, weights_path: Path) -> None:
+    """Before apply_peft allocates the method's parameters: a position count beyond the base's max_seq_len is
+    refused, and the shapes the method would make (built on the meta device, no memory) must be those saved."""
+    fields = config_fields(config)
+    for name in POSITION_FIELDS:
+        if isinstance(fields.get(name), int) and fields[name] > base_model.config.max_seq_len:
+            raise PeftConfigError(f"{source}: config.{name} is {fields[name]}, more positions than the base model's "
+                                  f"max_seq_len {base_model.config.max_seq_len}")
+    from ..family_registry import build_model
+    try:
+        with torch.device("meta"):
+            meta_model = apply_peft(build_model(base_model.config), config, trainable_dtype=None)
+        expected = {k: tuple(v.shape) for k, v in meta_model.adapter_state_dict().items()}
+    except PeftConfigError as e:
+        raise PeftConfigError(f"{source}: {e}") from None
+    except Exception:  # noqa: BLE001 - a method that cannot be built on the meta device: the real build checks
+        return
+    for key in sorted(set(expected) & set(tensors)):
+        if tuple(tensors[key].shape) != expected[key]:
+            raise PeftConfigError(f"{weights_path}: tensor {key} has shape {tuple(tensors[key].shape)}, expected "
+                                  f"{expected[key]} (from {ADAPTER_CONFIG_NAME}, on this base)")
+
+
 def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None,
                  trainable_dtype: Optional[torch.dtype] = torch.float32) -> PeftModel:
     """Install the adapter saved in `folder` into `base_model` (in place) and return the PeftModel.
@@ -144,6 +171,7 @@ def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None,
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise PeftConfigError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    _check_sizes(base_model, entry.loading_config(config), tensors, source, weights_path)
 
     peft_model = apply_peft(base_model, entry.loading_config(config), trainable_dtype=trainable_dtype)
     peft_model.peft_config = config

@@ -38,11 +38,15 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..families import build_model, tokenizer_for
-from ..fileio import write_atomic, write_text_atomic
+from ..fileio import write_text_atomic
+from ..train.checkpoints import check_digests, load_plain
+from ..train.config import TrainError, check_device
+from ..train.stopping import StopSettingError, StopSignals
 from .corpus import PretrainError, first_lines, parse_corpus_arg, read_corpus_text, split_train_val
 from .outputs import reserve_pretrain_out
 from .family_recipes import SHAPE_FLAGS, model_config, pretrain_family, train_family_tokenizer
 from .samples import IGNORE, SampleLayout, mean_nll, total_nll
+from .state import atomic_torch_save, input_identity
 from .tokenizer_training import TokenizerTrainingError
 
 
@@ -52,10 +56,6 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def plot_losses(history, path: Path, title: str) -> None:
@@ -101,14 +101,31 @@ def save_checkpoint_folder(model, cfg: ModelConfig, folder: Path, tokenizer_path
 def pretrain(args, argv=None) -> int:
     """The whole run for the parsed flags (cli.build_arg_parser); argv is recorded in metrics.json (default
     sys.argv[1:]). PretrainError, naming the flag or file, for what cannot work. --out is this run's from the
-    start (outputs.reserve_pretrain_out: the policy of every writer)."""
+    start (outputs.reserve_pretrain_out: the policy of every writer); SIGTERM / Ctrl-C during the loop stop it
+    after the step (train/stopping.py)."""
     if args.seq_len > args.max_seq_len:
         raise PretrainError(f"--seq-len {args.seq_len} exceeds --max-seq-len {args.max_seq_len}")
-    with reserve_pretrain_out(args):
-        return _pretrain(args, argv)
+    out = args.out
+    if out.is_file():
+        raise PretrainError(f"--out {out}: is a file; expected a folder")
+    if next((p for p in out.parents if p.exists()), Path(".")).is_file():
+        raise PretrainError(f"--out {out}: {next(p for p in out.parents if p.exists())} is a file, not a folder")
+    try:
+        check_device(args.device)
+    except TrainError as err:
+        raise PretrainError(str(err)) from None
+    try:
+        signals = StopSignals()
+    except StopSettingError as err:
+        raise PretrainError(str(err)) from None
+    try:
+        with reserve_pretrain_out(args):
+            return _pretrain(args, argv, signals)
+    finally:
+        signals.__exit__()
 
 
-def _pretrain(args, argv) -> int:
+def _pretrain(args, argv, signals: StopSignals) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = args.out
@@ -155,8 +172,22 @@ def _pretrain(args, argv) -> int:
             raise PretrainError(str(err)) from None
         print(f"tokenizer: trained {vocab_size} pieces in {time.time() - t0:.0f} s -> {tokenizer_path}")
     tok = tokenizer_for(family, tokenizer_path)
+    from ..checkpoint import CheckpointError, check_tokenizer_family
+    try:
+        check_tokenizer_family(tok, family, f"--tokenizer {tokenizer_path}")
+    except CheckpointError as err:
+        raise PretrainError(str(err)) from None
     if args.tokenizer is None and tok.vocab_size != vocab_size:
         raise PretrainError(f"{tokenizer_path} has {tok.vocab_size} pieces, --vocab-size is {vocab_size}")
+    state = None
+    if args.resume is not None:      # before anything is written: the state file and the inputs it was made from
+        if not args.resume.is_file():
+            raise PretrainError(f"--resume {args.resume}: no such file")
+        state = load_plain(args.resume, "train_state.pt of pretrain_tiny.py", PretrainError)
+        if not isinstance(state, dict) or not {"config", "model", "optimizer", "step", "history"} <= set(state):
+            raise PretrainError(f"--resume {args.resume}: not a train_state.pt of pretrain_tiny.py")
+        check_digests(state.get("inputs", {}), input_identity(args, corpus, tokenizer_path), f"--resume {args.resume}",
+                      PretrainError)
     samples = SampleLayout(family, args.seq_len, tok.bos_id, getattr(tok, "gmask_id", None), getattr(tok, "sop_id", None))
 
     # ---- tokenise ----
@@ -227,9 +258,6 @@ def _pretrain(args, argv) -> int:
 
     start_kind = "random_init" if initial_model is None else "initial"
     if args.resume is not None:
-        if not args.resume.is_file():
-            raise PretrainError(f"--resume {args.resume}: no such file")
-        state = torch.load(args.resume, map_location=device, weights_only=True)
         if state["config"] != cfg.to_dict():
             raise PretrainError(f"--resume {args.resume}: saved config {state['config']} differs from the "
                                 f"flags' config {cfg.to_dict()}")
@@ -250,7 +278,8 @@ def _pretrain(args, argv) -> int:
         atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                            "history": history, "elapsed_s": elapsed_before + time.time() - t_start,
-                           "config": cfg.to_dict(), "start": start, "args": {
+                           "config": cfg.to_dict(), "start": start, "inputs": input_identity(args, corpus, tokenizer_path),
+                           "args": {
                                k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
                           out / "train_state.pt")
 
@@ -261,6 +290,7 @@ def _pretrain(args, argv) -> int:
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, desc="pretrain", dynamic_ncols=True, mininterval=5)
     plot_title = f"{title} pretraining ({model.num_parameters() / 1e6:.1f}M params)"
+    signals.__enter__()
     while step < args.steps:
         if args.max_minutes is not None and elapsed_before + time.time() - t_start > 60 * args.max_minutes:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
@@ -273,11 +303,17 @@ def _pretrain(args, argv) -> int:
         inputs, targets = samples.sample_batch(train_streams, weights, args.batch_size, generator)
         logits = model(inputs.to(device))                                                  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=IGNORE)
+        if not math.isfinite(loss.item()):
+            raise PretrainError(f"step {step + 1}: the training loss is {loss.item()}; stopping (lower --lr); "
+                                "nothing is saved after the last checkpoint")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            raise PretrainError(f"step {step}: {bad} holds non-finite values after the update; stopping (lower --lr)")
         history["train"].append((step, loss.item()))
         elapsed = elapsed_before + time.time() - t_start
         bar.update(1)
@@ -290,6 +326,11 @@ def _pretrain(args, argv) -> int:
             plot_losses(history, out / "loss_curve.png", plot_title)
         if step % args.save_every == 0:
             save_state()
+        if signals.after_step(step):
+            bar.close()
+            save_state()
+            raise PretrainError(signals.message(step, args.steps, out / "train_state.pt",
+                                                f"--resume {out / 'train_state.pt'}"))
     bar.close()
     save_state()
     wall_s = elapsed_before + time.time() - t_start

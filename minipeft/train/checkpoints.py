@@ -90,17 +90,37 @@ def identity_settings(cfg=TrainConfig) -> tuple:
     return tuple(f.name for f in dataclasses.fields(cfg) if f.name not in NOT_IN_IDENTITY)
 
 
+def input_digests(base_model=None, examples=None, tokenizer=None, deepspeed=None, files=None) -> dict:
+    """The one home of the content digests that a resume compares (finetune's run identity, pretrain_tiny.py's
+    train_state.pt, compare_methods.py's results.json): a base checkpoint folder (base_model_digest), tokenized
+    examples (data_digest), a tokenizer file and any other files (their SHA-256), a DeepSpeed JSON config
+    (json_digest). None for what was not given; `files` is {name: path} and gives one entry per name."""
+    digests = {
+        "base_model": base_model_digest(base_model) if base_model and Path(base_model).is_dir() else None,
+        "train_data": data_digest(examples) if examples is not None else None,
+        "tokenizer": file_sha256(tokenizer)[:16] if tokenizer else None,
+        "deepspeed": json_digest(deepspeed) if deepspeed else None}
+    for name, path in (files or {}).items():
+        digests[name] = file_sha256(path)[:16] if path is not None and Path(path).is_file() else None
+    return digests
+
+
+def check_digests(saved: dict, mine: dict, source: str, error=None) -> None:
+    """`error` (TrainError) naming the first input whose digest differs between `saved` and `mine`."""
+    for key in sorted(set(saved) | set(mine)):
+        if saved.get(key) != mine.get(key):
+            raise (error or TrainError)(f"{source}: was made from another {key} (content digest {saved.get(key)} "
+                                        f"there, {mine.get(key)} now); resume with the same inputs")
+
+
 def content_digests(trainer) -> dict:
     """BY_CONTENT's digests of a run, computed once per run (the base model's folder, the training examples the
     run made, the tokenizer file it read, the DeepSpeed JSON config it was given)."""
     if getattr(trainer, "_digests", None) is None:
         cfg = trainer.cfg
         tokenizer_path = getattr(trainer.tokenizer, "path", None) or cfg.tokenizer
-        trainer._digests = {
-            "base_model": base_model_digest(cfg.model) if cfg.model and Path(cfg.model).is_dir() else None,
-            "train_data": data_digest(trainer.data.train),
-            "tokenizer": file_sha256(tokenizer_path)[:16] if tokenizer_path else None,
-            "deepspeed": json_digest(cfg.deepspeed) if cfg.deepspeed else None}
+        trainer._digests = input_digests(base_model=cfg.model, examples=trainer.data.train, tokenizer=tokenizer_path,
+                                         deepspeed=cfg.deepspeed)
     return trainer._digests
 
 
@@ -138,17 +158,25 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def load_plain(path: Path, what: str) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only, never code; TrainError otherwise."""
+def load_plain(path: Path, what: str, error=TrainError) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only, never code; `error` otherwise (a
+    truncated or damaged file too)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:        # a global: code, never run
         found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
-        raise TrainError(f"--resume {path}: refused: not a readable {what}, it holds more than tensors and plain "
+        raise error(f"--resume {path}: refused: not a readable {what}, it holds more than tensors and plain "
                          f"data (loading it could run code){': ' + found[0] if found else ''}") from None
     except Exception as err:     # noqa: BLE001 - a pickle that is not plain data, or a damaged file
-        raise TrainError(f"--resume {path}: not a readable {what} ({type(err).__name__}: "
+        raise error(f"--resume {path}: not a readable {what} ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def write_failure(err: BaseException) -> str:
+    """A failed write in a few words (OSError's strerror, else the first line of the message)."""
+    if getattr(err, "strerror", None):
+        return err.strerror
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def check_identity(trainer, saved: dict, source: str) -> None:
@@ -173,7 +201,11 @@ def save(trainer) -> Path:
     }
     trainer.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path = trainer.checkpoint_dir / f"step-{trainer.step:06d}.pt"
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    try:
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
+    except (OSError, RuntimeError) as err:   # a full disk (torch.save says RuntimeError): the temporary is gone
+        raise TrainError(f"{path}: cannot write the checkpoint ({write_failure(err)}); the earlier checkpoints "
+                         f"remain") from None
     for old in sorted(trainer.checkpoint_dir.glob("step-*.pt"))[:-trainer.cfg.keep_checkpoints]:
         old.unlink()        # keep_checkpoints >= 1 (check_config), so the newest always stays
     return path
@@ -189,6 +221,21 @@ def find(where: Path) -> Path:
     if not where.is_file():
         raise TrainError(f"--resume {where}: file not found")
     return where
+
+
+def forget_metrics_after(path: Path, step: int) -> None:
+    """After a resume at `step`: drop the lines of metrics.jsonl of the steps that will be replayed (and a line
+    cut short by the kill)."""
+    if not path.is_file():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:
+            return False
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(line)]
+    write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
 
 
 def resume(trainer, where) -> None:

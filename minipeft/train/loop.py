@@ -21,6 +21,7 @@ data stream is a function of (seed, step), and a resumed run replays it exactly.
 
 Output in the run folder: train_config.json, metrics.jsonl (a JSON object per line: training steps and
 evaluations), checkpoints/ (checkpoints.py) and adapter/ (save_adapter; for "full" a complete checkpoint).
+SIGTERM, Ctrl-C or MINIPEFT_STOP_AT_STEP=k stop it after a step with a checkpoint (TrainStopped; stopping.py).
 """
 
 from __future__ import annotations
@@ -36,12 +37,14 @@ import torch
 
 from ..data import collate, epoch_order
 from ..distributed import world_info
-from ..fileio import write_atomic, write_json_atomic
+from ..fileio import write_json_atomic
+from ..checkpoint import CheckpointError
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
 from .config import TrainConfig, TrainError, is_resolved, reserve_run_folder
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
+from .stopping import StopSignals, TrainStopped
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -198,22 +201,30 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / "train_config.json", dataclasses.asdict(cfg))
         history = []
+        signals = StopSignals()                             # (a bad MINIPEFT_STOP_AT_STEP: a TrainError)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            metrics = self.train_step()
-            metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
-            history.append(metrics)
-            self.log(metrics)
-            if not metrics["skipped"]:                      # an fp16 overflow skip changed nothing
-                self.check_finite(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                self.log({"eval": True, **self.evaluate()})
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
+        with signals:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                metrics["tokens_per_s"] = metrics["tokens"] / max(1e-9, time.perf_counter() - started)
+                history.append(metrics)
+                self.log(metrics)
+                if not metrics["skipped"]:                      # an fp16 overflow skip changed nothing
+                    self.check_finite(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self.log({"eval": True, **self.evaluate()})
+                saved = None
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    saved = self.save_checkpoint()
+                if signals.agreed_stop(self.step, self.world_size):
+                    bar.close()
+                    saved = saved or self.save_checkpoint()
+                    raise TrainStopped(signals.message(self.step, self.total_steps, saved,
+                                                       f"--resume {self.run_dir}"))
         bar.close()
         return history
 
@@ -230,9 +241,13 @@ class Trainer:
     def log(self, metrics: dict) -> None:
         if not self.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as err:           # a full disk, a folder that became read-only
+            raise TrainError(f"{path}: cannot write the metrics ({err.strerror or err})") from None
 
     def clear_run_dir(self) -> None:
         """--overwrite: remove what an earlier run wrote into this run folder (and nothing else)."""
@@ -248,17 +263,8 @@ class Trainer:
     def forget_metrics_after(self, step: int) -> None:
         """After a resume at `step`: drop the metrics lines of the steps that will be replayed (and a line cut
         short by the kill)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.is_main or not path.is_file():
-            return
-
-        def keep(line: str) -> bool:
-            try:
-                return json.loads(line).get("step", 0) <= step
-            except json.JSONDecodeError:
-                return False
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and keep(line)]
-        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
+        if self.is_main:
+            checkpoints.forget_metrics_after(self.run_dir / "metrics.jsonl", step)
 
     # -- checkpoints (checkpoints.py) and the final adapter
     @property
@@ -279,7 +285,12 @@ class Trainer:
     def save_final(self, folder: Optional[Path] = None) -> Path:
         """save_adapter into run_dir/adapter (for "full": a complete checkpoint folder)."""
         folder = Path(folder) if folder is not None else self.run_dir / "adapter"
-        save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (reserve_run_folder)
+        from safetensors import SafetensorError
+        try:
+            save_adapter(self.model, folder, overwrite=True)     # the run folder is this run's (reserve_run_folder)
+        except (OSError, SafetensorError, CheckpointError) as err:   # a full disk: the temporary folder is gone
+            raise TrainError(f"{folder}: cannot write the adapter ({checkpoints.write_failure(err)}); nothing was written "
+                             f"there; the checkpoints in {self.checkpoint_dir} remain") from None
         return folder
 
     def close(self) -> None:

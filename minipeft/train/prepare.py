@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint import check_tokenizer_fits, load_model, open_checkpoint
+from ..checkpoint import check_tokenizer_family, check_tokenizer_fits, load_model, open_checkpoint
 from ..family_registry import get_family, tokenizer_for
 from .config import (TrainConfig, TrainError, base_dtype, check_config, peft_for_family, reserve_run_folder,
                      resolve_defaults)
@@ -75,7 +75,9 @@ def load_run_tokenizer(cfg: TrainConfig, reader, model_cfg):
         raise TrainError(f"tokenizer {wanted} not found; give --tokenizer")
     check_tokenizer_fits(Path(tokenizer_path), model_cfg.vocab_size, f"--tokenizer {tokenizer_path} (model {cfg.model})",
                          allow_extra_model_rows=get_family(model_cfg.family).tokenizer_may_be_smaller)
-    return tokenizer_for(model_cfg.family, tokenizer_path)
+    tokenizer = tokenizer_for(model_cfg.family, tokenizer_path)
+    check_tokenizer_family(tokenizer, model_cfg.family, f"--tokenizer {tokenizer_path}")
+    return tokenizer
 
 
 def build_trainer(cfg: TrainConfig, base_model, tokenizer, data: RunData, ds_config: Optional[dict] = None):
