@@ -44,10 +44,14 @@ def copy_model(ws, tmp_path, name="model") -> Path:
 
 
 def run_in_process(capsys, tool: str, *args):
-    """(exit code, stderr) of the tool run in-process: its main(argv), or the package's run_command_line."""
+    """(exit code, stderr) of the tool run in-process: its main(argv), or the package's run_command_line (a value
+    a flag's type refuses ends in argparse's SystemExit: its status)."""
     module = tool_main(tool)
     entry = getattr(module, "main", None) or module.run_command_line
-    code = entry([str(a) for a in args])
+    try:
+        code = entry([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
     return code, capsys.readouterr().err
 
 
@@ -105,7 +109,9 @@ def test_generate_limits_and_values(ws, tmp_path, capsys):
     roots = (Path(ws["model"]).parent,)
     before = snapshot(*roots)
     done = run_tool("generate", ws["model"], "--prompt", "hi", "--max-new-tokens", 10**12, "--device", "cpu")
-    refused(done, before, roots, "max_new_tokens 1000000000000", "limit of 512 new tokens", "max_seq_len 128")
+    refused(done, before, roots, "--max-new-tokens", "1000000000000")          # past any model: the parser's type
+    done = run_tool("generate", ws["model"], "--prompt", "hi", "--max-new-tokens", 100_000, "--device", "cpu")
+    refused(done, before, roots, "max_new_tokens 100000", "limit of 512 new tokens", "max_seq_len 128")   # this model's
     code, err = run_in_process(capsys, "generate", ws["model"], "--prompt", "hi", "--temperature", "nan",
                                "--device", "cpu")
     assert_refused(code, err, "temperature", "nan", before=before, roots=roots)
