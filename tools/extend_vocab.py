@@ -23,7 +23,7 @@ from pathlib import Path
 
 from minipeft import cli_types as T
 from minipeft.cli_errors import run_main
-from minipeft.fileio import refuse_existing, refuse_inputs_inside, reserve_output
+from minipeft.reservation import refuse_existing, refuse_inputs_inside, reserve_output
 from minipeft.tokenizer import Tokenizer
 from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
                             train_sentencepiece)
@@ -76,7 +76,7 @@ def check_outputs(args) -> None:
 
 
 def reserve_outputs(args, reserved: contextlib.ExitStack) -> None:
-    """Hold --out, --save-extra and --checkpoint-out for the whole run (fileio.reserve_output)."""
+    """Hold --out, --save-extra and --checkpoint-out for the whole run (reservation.reserve_output)."""
     for path in filter(None, (args.out, args.save_extra, args.checkpoint_out)):
         reserved.enter_context(reserve_output(path, args.overwrite, error=VocabError))
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 from minipeft.cli_errors import run_main
-from minipeft.fileio import release_output
+from minipeft.reservation import release_output
 from minipeft.plugins import PluginError, load_plugins
 from minipeft.train import TrainError, build_arg_parser, build_trainer, config_from_args, prepare_run
 

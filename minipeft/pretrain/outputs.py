@@ -1,4 +1,4 @@
-"""pretrain_tiny.py's --out and --name under the output policy of every writer (fileio.reserve_output): --out is
+"""pretrain_tiny.py's --out and --name under the output policy of every writer (reservation.reserve_output): --out is
 this run's from the first check to the end (another run writing it is refused in one line); one that holds files
 is refused unless --resume (go on) or --overwrite (its contents removed first, but never when a --corpus file,
 the --init-from folder, the --tokenizer or the --resume file lies in it); --name is a plain name of a folder
@@ -11,7 +11,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..fileio import plain_name, reserve_output
+from ..reservation import plain_name, reserve_output
 from .corpus import PretrainError, parse_corpus_arg
 from .family_recipes import PRETRAIN_FAMILIES
 

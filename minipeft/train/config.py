@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .. import assets_dir
-from ..fileio import Reservation, claim_output
+from ..reservation import Reservation, claim_output
 from ..peft import METHODS, LoRAConfig, PeftConfigError, get_method
 from ..family_registry import get_family
 
@@ -195,7 +195,7 @@ def check_run_folder(cfg: TrainConfig, folder: Path) -> None:
 
 
 def reserve_run_folder(cfg: TrainConfig, folder: Optional[Path] = None) -> Reservation:
-    """Claim the run folder for this process until the run ends (fileio.claim_output; a claim it holds already is
+    """Claim the run folder for this process until the run ends (reservation.claim_output; a claim it holds already is
     joined): another process writing it -> TrainError in one line; under the claim check_run_folder runs again,
     and --overwrite (which removes RUN_FILES) may not remove an input of the run."""
     folder = Path(folder if folder is not None else cfg.out)
