@@ -11,6 +11,7 @@ larger than a layer's width, more adapted layers than the model has) is checked 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -40,6 +41,11 @@ def require(condition: bool, message: str) -> None:
 
 def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_positive_number(value) -> bool:
+    """A finite number > 0 (not a bool, not inf or nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _check_positive_int(config, field: str, allow_none: bool = False) -> None:
@@ -80,8 +86,7 @@ class LoRAConfig:
 
     def __post_init__(self):
         _check_positive_int(self, "rank")
-        require(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0,
-                f"LoRAConfig.alpha must be a positive number, got {self.alpha!r}")
+        require(is_positive_number(self.alpha), f"LoRAConfig.alpha must be a finite positive number, got {self.alpha!r}")
         require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                 f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)

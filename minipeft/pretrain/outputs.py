@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..reservation import plain_name, reserve_output
-from .corpus import PretrainError, parse_corpus_arg
+from .corpus import PretrainError, PretrainFailed, parse_corpus_arg
 from .family_recipes import PRETRAIN_FAMILIES
 
 # What a run writes into --out beside the checkpoint folder --name (and each family's tokenizer file).
@@ -54,3 +54,18 @@ def reserve_pretrain_out(args):
                     entry.unlink()
         out.mkdir(parents=True, exist_ok=True)
         yield reservation
+
+
+def stop_before_training(signals, out: Path, found: set) -> None:
+    """A stop asked for (SIGTERM / Ctrl-C, train/stopping.py) before the first step, i.e. while the tokenizer was
+    trained or the corpus tokenised: what this run wrote into --out (entries not in `found`) is removed, so the
+    same command runs again as it was; PretrainError says so."""
+    if signals.reason is None:
+        return
+    for entry in set(out.iterdir()) - found:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    raise PretrainFailed(f"stopped by {signals.reason} before the first step; what this run had written in {out} "
+                        f"was removed; run the same command again")

@@ -41,6 +41,11 @@ class TrainError(ValueError):
     a checkpoint of another run); the message names the flag, key or file."""
 
 
+class RunFailed(TrainError):
+    """A run that started and could not finish (a non-finite update; a stop on request, TrainStopped): the tools
+    exit 1 for it, and 2 for bad input."""
+
+
 @dataclass
 class TrainConfig:
     # data
