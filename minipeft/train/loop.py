@@ -109,7 +109,8 @@ class Trainer:
     def build_optimizer(self) -> None:
         """AdamW over the trainable parameters only, the warm-up + cosine schedule, the fp16 loss scaler."""
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, betas=(0.9, 0.999),
+        # one group per learning-rate multiple the method asks for (LoRA+: B at lora_plus_ratio x lr)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
