@@ -207,6 +207,7 @@ def _ia3_family_targets(family) -> Tuple[str, ...]:
     return ("wqkv", "w2") if family.qkv_layout.fused else IA3Config().targets
 
 
+_lr_ratio = T.float_range(0.0, 1024.0, low_open=True)      # LoRA+: a multiple of the rate, never astronomic
 LORA_FLAGS = (    # LoRA's and DoRA's (a flag shared by two methods is one command-line flag)
     Flag("--lora-rank", "rank", "LoRA rank r", T.dim),
     Flag("--lora-alpha", "alpha", "LoRA scale numerator (scale = alpha / r)", T.positive_float),
@@ -217,7 +218,7 @@ LORA_FLAGS = (    # LoRA's and DoRA's (a flag shared by two methods is one comma
     Flag("--lora-init", "init", "A, B init: kaiming (B = 0) or pissa (W0's top-r singular vectors; the "
          "targets' base weights become the residual)", str, choices=LORA_INITS),
     Flag("--lora-plus-ratio", "lora_plus_ratio", "LoRA+: B's learning rate = this x --lr (1: plain LoRA; the "
-         "paper suggests 16)", T.positive_float),
+         "paper suggests 16)", _lr_ratio),
 )
 register(PeftMethod("lora", LoRAConfig, lora.install, title="LoRA", learning_rates=_rates("lora"),
                     sweep_grid=SWEEP_GRID["lora"], reference_7b=_lora_7b, family_targets=_lora_family_targets,
