@@ -186,6 +186,18 @@ def lora_trainable(cfg: ModelConfig, rank: int, targets) -> int:
     return cfg.n_layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
+def dora_trainable(cfg: ModelConfig, rank: int, targets) -> int:
+    """LoRA's count plus one magnitude per output row: n_layers * sum over targets of (r (d_in + d_out) + d_out)."""
+    shapes = lora_target_shapes(cfg)
+    return lora_trainable(cfg, rank, targets) + cfg.n_layers * sum(shapes[t][1] for t in targets)
+
+
+def ia3_trainable(cfg: ModelConfig, targets, feedforward) -> int:
+    """n_layers * (d_out of each output target + d_in of each feed-forward target)."""
+    shapes = lora_target_shapes(cfg)
+    return cfg.n_layers * sum(shapes[t][0] if t in feedforward else shapes[t][1] for t in targets)
+
+
 def prompt_trainable(cfg: ModelConfig, prompt_len: int) -> int:
     """P * d."""
     return prompt_len * cfg.dim

@@ -14,13 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_bloom import make_bloom_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
-from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig,  # noqa: E402
-                           PromptConfig, load_adapter)
+from minipeft.peft import (AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig, LoRAConfig,  # noqa: E402
+                           PrefixConfig, PromptConfig, load_adapter)
 from minipeft.train import METHODS, TrainConfig, build_trainer, evaluate_loss, prepare_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SEQ_LEN = 48
-METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1}
+METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1,
+             "dora": 5e-2, "ia3": 2e-1}
 METHOD_PEFT = {
     "full": FullConfig(),
     "lora": LoRAConfig(rank=4, targets=("wqkv", "wo", "w1", "w2")),
@@ -28,6 +29,8 @@ METHOD_PEFT = {
     "prefix": PrefixConfig(prefix_len=4, reparam_hidden=16),
     "adapter": AdapterConfig(bottleneck=8),
     "llama_adapter": LlamaAdapterConfig(prompt_len=4, adapter_layers=2),
+    "dora": DoRAConfig(rank=4, targets=("wqkv", "w2")),
+    "ia3": IA3Config(targets=("wqkv", "w2")),
 }
 
 

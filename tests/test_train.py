@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
-from minipeft.peft import (AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig, PrefixConfig,  # noqa: E402
-                           PromptConfig, load_adapter)
+from minipeft.peft import (AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig, LoRAConfig,  # noqa: E402
+                           PrefixConfig, PromptConfig, load_adapter)
 from minipeft.train import (METHODS, TrainConfig, TrainError, build_arg_parser, build_trainer,  # noqa: E402
                             evaluate_loss, lr_factor, prepare_run)
 
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("MINIPEFT_DEVICE", "cpu")     # tools/gpu_check.sh sets cuda
 
 # Small hyper-parameters so each method has a handful of trainable parameters and learns in a few steps.
-METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1}
+METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1,
+             "dora": 5e-2, "ia3": 2e-1}
 METHOD_PEFT = {
     "full": dict(),
     "lora": dict(rank=4, targets=("wq", "wv", "w2")),
@@ -37,9 +38,11 @@ METHOD_PEFT = {
     "prefix": dict(prefix_len=4, reparam_hidden=16),
     "adapter": dict(bottleneck=8),
     "llama_adapter": dict(prompt_len=4, adapter_layers=2),
+    "dora": dict(rank=4, targets=("wq", "wv", "w2"), rslora=True, lora_plus_ratio=4.0),   # + the LoRA options
+    "ia3": dict(),
 }
 PEFT_CLASSES = {"full": FullConfig, "lora": LoRAConfig, "prompt": PromptConfig, "prefix": PrefixConfig,
-                "adapter": AdapterConfig, "llama_adapter": LlamaAdapterConfig}
+                "adapter": AdapterConfig, "llama_adapter": LlamaAdapterConfig, "dora": DoRAConfig, "ia3": IA3Config}
 
 
 @pytest.fixture(scope="module")

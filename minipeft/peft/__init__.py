@@ -6,7 +6,8 @@
 The files, bottom up (each imports only those above it):
     config.py          PeftConfigError and one validated config dataclass per method
     replace.py         replace a sub-module by name; collect what the method modules declare they train
-    lora.py, soft_prompt.py, prefix.py, adapter.py, llama_adapter.py   one method each: its modules + install()
+    lora.py, soft_prompt.py, prefix.py, adapter.py, llama_adapter.py, dora.py, ia3.py
+                       one method each: its modules + install() (LoRA's rsLoRA, PiSSA, LoRA+ are LoRAConfig options)
     learning_rates.py  the built-in methods' tuned default learning rates and sweep grid
     registry.py        the table of methods (PeftMethod): what apply_peft, save/load, the CLI and the tools read
     peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
@@ -17,9 +18,11 @@ The files, bottom up (each imports only those above it):
 
 from .adapter import BottleneckAdapter, LinearWithAdapter
 from .api import apply_peft, merge_lora, peft_configs
-from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
-                     PeftConfigError, PrefixConfig, PromptConfig)
+from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig,
+                     LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig)
+from .dora import DoRALinear
 from .hf_export import export_lora_to_hf_peft
+from .ia3 import IA3Linear
 from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
 from .peft_model import PeftModel, TrainableReport
@@ -35,7 +38,8 @@ __all__ = [
     "PEFT_CONFIGS", "METHODS", "PeftMethod", "Flag", "LearningRates", "register", "unregister", "get_method",
     "closed_form_trainable", "default_learning_rate",
     "FullConfig", "LoRAConfig", "PromptConfig", "PrefixConfig", "AdapterConfig", "LlamaAdapterConfig",
+    "DoRAConfig", "IA3Config",
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
-    "LoRALinear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
+    "LoRALinear", "DoRALinear", "IA3Linear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
 ]

@@ -79,12 +79,25 @@ def lora_modules(model: PeftModel, what: str):
     return [(name, m) for name, m in model.base.named_modules() if isinstance(m, LoRALinear)]
 
 
+def mergeable_modules(model: PeftModel, what: str):
+    """[(name in model.base, module)] of the method modules that fold into a plain nn.Linear (to_linear(): LoRA,
+    DoRA, (IA)^3); PeftConfigError for a model with none or with other method modules beside them."""
+    if not isinstance(model, PeftModel):
+        raise PeftConfigError(f"{what} needs a PeftModel, got {type(model).__name__!r}")
+    found = [(name, m) for name, m in model.base.named_modules() if hasattr(m, "adapter_params")]
+    if not found or model.attached_names or not all(hasattr(m, "to_linear") for _, m in found):
+        raise PeftConfigError(f"{what} needs a method that folds into the weights (LoRA, DoRA, (IA)^3), got "
+                              f"{model.method!r}")
+    return found
+
+
 def merge_lora(model: PeftModel) -> nn.Module:
-    """Fold every LoRA update into its weight (W0 + s B A) and return the base decoder with plain nn.Linear
-    modules and every parameter trainable again, i.e. an ordinary model (checkpoint.save_model writes it as
-    a plain checkpoint). The PeftModel is consumed: its base is changed in place."""
-    for name, lora in lora_modules(model, "merge_lora"):
-        replace_module(model.base, name, lora.to_linear())
+    """Fold every LoRA update into its weight (W0 + s B A) -- DoRA's W' and (IA)^3's scaled weights the same way --
+    and return the base decoder with plain nn.Linear modules and every parameter trainable again, i.e. an
+    ordinary model (checkpoint.save_model writes it as a plain checkpoint). The PeftModel is consumed: its base is
+    changed in place."""
+    for name, module in mergeable_modules(model, "merge_lora"):
+        replace_module(model.base, name, module.to_linear())
     base = model.base
     for p in base.parameters():
         p.requires_grad_(True)

@@ -75,25 +75,77 @@ class FullConfig:
         _check_extra_trainable(self)
 
 
+LORA_INITS = ("kaiming", "pissa")        # A Kaiming-uniform and B = 0 (the paper's) | PiSSA (lora.py says how)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_targets(config, known: Tuple[str, ...]) -> None:
+    name = type(config).__name__
+    config.targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+    require(len(config.targets) > 0, f"{name}.targets is empty; choose some of {list(known)}")
+    unknown = [t for t in config.targets if t not in known]
+    require(not unknown, f"{name}.targets: unknown target(s) {unknown}; expected names from {list(known)} (the "
+            f"last component of a Linear module's name)")
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 8                           # r
-    alpha: float = 16.0                     # the update is scaled by alpha / r
+    alpha: float = 16.0                     # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0                    # on the input of the low-rank branch
     targets: Tuple[str, ...] = ("wq", "wv") # Linear modules by the last component of their name
+    rslora: bool = False                    # rank-stabilised scale alpha / sqrt(r) (Kalajdzievski, 2023)
+    init: str = "kaiming"                   # of LORA_INITS; "pissa" starts A, B from W0's top-r singular vectors
+    lora_plus_ratio: float = 1.0            # LoRA+: B trains at this multiple of the learning rate (A at 1x)
     extra_trainable: Tuple[str, ...] = ()
     method = "lora"
 
     def __post_init__(self):
+        name = type(self).__name__             # DoRAConfig shares these checks
         _check_positive_int(self, "rank")
-        require(is_positive_number(self.alpha), f"LoRAConfig.alpha must be a finite positive number, got {self.alpha!r}")
-        require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-                f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        require(len(self.targets) > 0, f"LoRAConfig.targets is empty; choose some of {list(LORA_TARGETS)}")
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        require(not unknown, f"LoRAConfig.targets: unknown target(s) {unknown}; expected names from "
-                f"{list(LORA_TARGETS)} (the last component of a Linear module's name)")
+        require(is_positive_number(self.alpha), f"{name}.alpha must be a finite positive number, got {self.alpha!r}")
+        require(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+                f"{name}.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_targets(self, LORA_TARGETS)
+        require(isinstance(self.rslora, bool), f"{name}.rslora must be true or false, got {self.rslora!r}")
+        require(self.init in LORA_INITS, f"{name}.init must be one of {LORA_INITS}, got {self.init!r}")
+        require(_is_number(self.lora_plus_ratio) and math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0,
+                f"{name}.lora_plus_ratio must be a finite number > 0 (1: plain LoRA), got {self.lora_plus_ratio!r}")
+        _check_extra_trainable(self)
+
+    @property
+    def scaling(self) -> float:
+        """s: alpha / r, or alpha / sqrt(r) with rslora."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclass
+class DoRAConfig(LoRAConfig):
+    """DoRA (dora.py): LoRA's fields, and a trained magnitude per output row of every target."""
+    method = "dora"
+
+
+# IA3's default targets: the key and value projections' outputs and the MLP's inner activation (the input of
+# w2); in a family with a fused wqkv they stand for ("wqkv", "w2"), as HF peft's query_key_value (ia3.py).
+IA3_TARGETS = ("wk", "wv", "w2")
+
+
+@dataclass
+class IA3Config:
+    targets: Tuple[str, ...] = IA3_TARGETS  # Linear modules by the last component of their name
+    feedforward: Tuple[str, ...] = ("w2",)  # of the targets: these scale their input, the others their output
+    extra_trainable: Tuple[str, ...] = ()
+    method = "ia3"
+
+    def __post_init__(self):
+        _check_targets(self, LORA_TARGETS)
+        self.feedforward = (self.feedforward,) if isinstance(self.feedforward, str) else tuple(self.feedforward)
+        outside = [t for t in self.feedforward if t not in self.targets]
+        require(not outside, f"IA3Config.feedforward: {outside} are not among the targets {list(self.targets)} "
+                f"(a feed-forward target scales its input; it must be a target)")
         _check_extra_trainable(self)
 
 

@@ -33,6 +33,10 @@ def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) ->
     (embed_tokens, lm_head), saved under base_model.model.<HF module name>.weight as peft saves them."""
     extra = tuple(getattr(model.peft_config, "extra_trainable", ()) or ())
     modules = lora_modules(model, "export_lora_to_hf_peft")
+    if model.peft_config.init == "pissa":
+        raise PeftConfigError("export_lora_to_hf_peft: a PiSSA adapter (init 'pissa') holds A, B for the residual "
+                              "base weights, not for the original model peft would load it onto; merge_lora it "
+                              "into a plain checkpoint instead")
     cfg = model.base.config
     names = get_family(cfg.family).hf_names
     if names is None:
@@ -76,7 +80,7 @@ def export_lora_to_hf_peft(model: PeftModel, folder, overwrite: bool = False) ->
         "fan_in_fan_out": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "use_rslora": False,
+        "use_rslora": config.rslora,                                 # scale alpha / sqrt(r)
         "use_dora": False,
         "modules_to_save": sorted(modules_to_save) or None,
         "layers_to_transform": None,

@@ -8,22 +8,29 @@ there, so a method registered from outside the package brings its own (or is ask
 # alpaca-lora's 3e-4 for LoRA (the same for Houlsby adapters), the LLaMA-Adapter paper's 9e-3, 3e-2 for
 # prompt tuning and 1e-2 for prefix tuning.
 REAL_BASE_LR = {"full": 2e-5, "lora": 3e-4, "prompt": 3e-2, "prefix": 1e-2, "adapter": 3e-4,
-                "llama_adapter": 9e-3}
+                "llama_adapter": 9e-3,
+                # provisional, from the papers, not tuned here: DoRA used LoRA's rates; (IA)^3's T-Few recipe 3e-3
+                "dora": 3e-4, "ia3": 3e-3}
 
 # The shipped tiny model (minipeft/assets/tiny-llama) on the demo tasks, for the main job (tools/finetune.py
 # with no --model: 600 steps of batch 8). lessons/08_comparison's sweep chose these, except LoRA's, which was
 # tuned on the main job itself (6e-3: validation loss 2.32 vs 2.96 at 2e-3).
 TINY_MODEL_LR = {"full": 1e-3, "lora": 6e-3, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
-                 "llama_adapter": 0.27}
+                 "llama_adapter": 0.27,
+                 # provisional (not swept over 600 steps): DoRA at LoRA's rate; (IA)^3 from a short sweep
+                 # (lessons/11_beyond_the_note/1_try_ia3.py)
+                 "dora": 6e-3, "ia3": 3e-2}
 
 # The shipped tiny model, for tools/compare_methods.py's default budget (one epoch of 400 examples): the
 # rates its own one-epoch sweep chose (lessons/08_comparison/results.json). LoRA's best rate differs from
 # the main job's because the budget does: over one short epoch a larger rate wins.
 TINY_COMPARISON_LR = {"full": 1e-3, "lora": 1e-2, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
-                      "llama_adapter": 0.27}
+                      "llama_adapter": 0.27,
+                      "dora": 1e-2, "ia3": 3e-2}      # provisional, as TINY_MODEL_LR's: not from the one-epoch sweep
 
 # tools/compare_methods.py --sweep: three rates per method, a factor ~3 apart, centred on the usual ratio between
 # methods: full fine-tuning lowest; LoRA and adapters ~3x higher; LLaMA-Adapter, prefix and prompt tuning 10-100x
 # higher. (TINY_COMPARISON_LR above is what this grid chose, extended past its edge where needed.)
 SWEEP_GRID = {"full": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2), "llama_adapter": (3e-3, 1e-2, 3e-2),
-              "prompt": (3e-2, 1e-1, 3e-1), "prefix": (3e-3, 1e-2, 3e-2), "adapter": (1e-3, 3e-3, 1e-2)}
+              "prompt": (3e-2, 1e-1, 3e-1), "prefix": (3e-3, 1e-2, 3e-2), "adapter": (1e-3, 3e-3, 1e-2),
+              "dora": (1e-3, 3e-3, 1e-2), "ia3": (1e-2, 3e-2, 1e-1)}

@@ -50,7 +50,7 @@ from ..distributed import full_numel
 from ..kv_cache import cache_length
 from ..loss import label_only_loss
 from .config import PeftConfigError
-from .replace import adapter_parameters, adapter_saved_tensors
+from .replace import adapter_lr_scales, adapter_parameters, adapter_saved_tensors
 
 
 def cache_prefix_shifts_positions(base) -> bool:
@@ -200,6 +200,16 @@ class PeftModel(nn.Module):
         trained = self.method_parameters()
         for name, p in self.named_parameters():
             p.requires_grad_(name in trained)
+
+    def param_groups(self, lr: float) -> list:
+        """The trainable parameters as optimizer groups [{"params": [...], "lr": lr * multiple}], one group per
+        multiple a method module asks for (lr_scales(): LoRA+'s B); one group at `lr` for every other method."""
+        scales = adapter_lr_scales(self)
+        groups: Dict[float, list] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups.setdefault(scales.get(name, 1.0), []).append(p)
+        return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
 
     @property
     def report(self) -> TrainableReport:

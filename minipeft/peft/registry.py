@@ -21,6 +21,8 @@ would have read, e.g. "--lr: method 'x' has no default learning rate ...; give -
     reference_7b    model_cfg -> the method's config at 7B scale (the comparison's computed 7B tables)
     closed_form     (model_cfg, config) -> trainable parameters from a formula (an independent check of the
                     count apply_peft gives; memory.py holds the formulas)
+    family_targets  Family -> what the config's default `targets` mean in that family (LoRA's wq, wv: a fused
+                    wqkv on BLOOM); the training command line applies it (train/config.py peft_for_family)
 
 The config contract, checked by register(): a dataclass whose class attribute `method` is the name; its
 fields take plain JSON values (they are saved in adapter_config.json and the resume identity). An optional
@@ -40,10 +42,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .. import cli_types as T
 from .. import memory
-from . import adapter, llama_adapter, lora, prefix, soft_prompt
+from . import adapter, dora, ia3, llama_adapter, lora, prefix, soft_prompt
 from ..family_registry import get_family
-from .config import (GATE_KINDS, PROMPT_INITS, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
-                     PeftConfigError, PrefixConfig, PromptConfig)
+from .config import (GATE_KINDS, LORA_INITS, PROMPT_INITS, AdapterConfig, DoRAConfig, FullConfig, IA3Config,
+                     LlamaAdapterConfig, LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig)
 from .learning_rates import REAL_BASE_LR, SWEEP_GRID, TINY_COMPARISON_LR, TINY_MODEL_LR
 
 
@@ -55,6 +57,7 @@ class Flag:
     help: str
     parse: Callable = str                       # argparse's type=: str, or a validated minipeft.cli_types type
     choices: Optional[Tuple] = None
+    switch: bool = False                        # a flag without a value that sets the field to True
 
     @property
     def dest(self) -> str:
@@ -90,6 +93,7 @@ class PeftMethod:
     sweep_grid: Tuple[float, ...] = ()
     reference_7b: Optional[Callable] = None                 # model_cfg -> config
     closed_form: Optional[Callable] = None                  # (model_cfg, config) -> int
+    family_targets: Optional[Callable] = None               # Family -> the default targets there
 
     @property
     def display_title(self) -> str:
@@ -127,6 +131,8 @@ def check_config_contract(method: PeftMethod) -> None:
     unknown = [flag.field for flag in method.flags if flag.field not in fields]
     if unknown:
         raise PeftConfigError(f"register({name!r}): flags set fields {unknown} that {cls.__name__} does not have")
+    if method.family_targets is not None and "targets" not in fields:
+        raise PeftConfigError(f"register({name!r}): family_targets needs a `targets` field on {cls.__name__}")
 
 
 def register(method: PeftMethod) -> PeftMethod:
@@ -192,15 +198,31 @@ def _lora_7b(cfg) -> LoRAConfig:
 register(PeftMethod("full", FullConfig, _install_nothing, trains_base=True, title="full fine-tuning",
                     learning_rates=_rates("full"), sweep_grid=SWEEP_GRID["full"], reference_7b=lambda cfg: FullConfig(),
                     closed_form=lambda cfg, c: memory.full_trainable(cfg)))
-register(PeftMethod("lora", LoRAConfig, lora.install, title="LoRA", learning_rates=_rates("lora"),
-                    sweep_grid=SWEEP_GRID["lora"], reference_7b=_lora_7b,
-                    closed_form=lambda cfg, c: memory.lora_trainable(cfg, c.rank, c.targets), flags=(
+def _lora_family_targets(family) -> Tuple[str, ...]:
+    return family.default_lora_targets
+
+
+def _ia3_family_targets(family) -> Tuple[str, ...]:
+    """(IA)^3's k, v and MLP vectors in a family: a fused wqkv is scaled whole, as HF peft does (ia3.py)."""
+    return ("wqkv", "w2") if family.qkv_layout.fused else IA3Config().targets
+
+
+_lr_ratio = T.float_range(0.0, 1024.0, low_open=True)      # LoRA+: a multiple of the rate, never astronomic
+LORA_FLAGS = (    # LoRA's and DoRA's (a flag shared by two methods is one command-line flag)
     Flag("--lora-rank", "rank", "LoRA rank r", T.dim),
     Flag("--lora-alpha", "alpha", "LoRA scale numerator (scale = alpha / r)", T.positive_float),
     Flag("--lora-dropout", "dropout", "dropout on the LoRA branch input", T.fraction),
     Flag("--lora-targets", "targets", "comma-separated projections that get LoRA (wq,wk,wv,wo,w1,w2,w3; wqkv "
          "where the family fuses them)", T.names),
-)))
+    Flag("--lora-rslora", "rslora", "rsLoRA: scale alpha / sqrt(r) instead of alpha / r", switch=True),
+    Flag("--lora-init", "init", "A, B init: kaiming (B = 0) or pissa (W0's top-r singular vectors; the "
+         "targets' base weights become the residual)", str, choices=LORA_INITS),
+    Flag("--lora-plus-ratio", "lora_plus_ratio", "LoRA+: B's learning rate = this x --lr (1: plain LoRA; the "
+         "paper suggests 16)", _lr_ratio),
+)
+register(PeftMethod("lora", LoRAConfig, lora.install, title="LoRA", learning_rates=_rates("lora"),
+                    sweep_grid=SWEEP_GRID["lora"], reference_7b=_lora_7b, family_targets=_lora_family_targets,
+                    closed_form=lambda cfg, c: memory.lora_trainable(cfg, c.rank, c.targets), flags=LORA_FLAGS))
 register(PeftMethod("prompt", PromptConfig, soft_prompt.install,
                     loading_config=lambda c: dataclasses.replace(c, init="random", init_text=None),
                     title="prompt tuning", learning_rates=_rates("prompt"), sweep_grid=SWEEP_GRID["prompt"],
@@ -235,4 +257,17 @@ register(PeftMethod("llama_adapter", LlamaAdapterConfig, llama_adapter.install, 
          "min(30, n_layers))", T.layers),
     Flag("--llama-adapter-gate", "gate", "gate form: tanh(g) (paper) or plain g (lit-llama / peft)", str,
          choices=GATE_KINDS),
+)))
+register(PeftMethod("dora", DoRAConfig, dora.install, title="DoRA", learning_rates=_rates("dora"),
+                    sweep_grid=SWEEP_GRID["dora"], family_targets=_lora_family_targets,
+                    reference_7b=lambda cfg: DoRAConfig(rank=8, alpha=16, targets=_lora_7b(cfg).targets),
+                    closed_form=lambda cfg, c: memory.dora_trainable(cfg, c.rank, c.targets), flags=LORA_FLAGS))
+register(PeftMethod("ia3", IA3Config, ia3.install, title="(IA)^3", learning_rates=_rates("ia3"),
+                    sweep_grid=SWEEP_GRID["ia3"], family_targets=_ia3_family_targets,
+                    reference_7b=lambda cfg: IA3Config(targets=_ia3_family_targets(get_family(cfg.family))),
+                    closed_form=lambda cfg, c: memory.ia3_trainable(cfg, c.targets, c.feedforward), flags=(
+    Flag("--ia3-targets", "targets", "comma-separated projections that get a vector (default wk,wv,w2; wqkv,w2 "
+         "where the family fuses q, k, v)", T.names),
+    Flag("--ia3-feedforward", "feedforward", "of those, the ones whose input is scaled (the MLP's inner "
+         "activation: w2)", T.names),
 )))

@@ -3,7 +3,8 @@ all install themselves this way), and the walk that finds every method's trainab
 
 A method's modules declare what they train (torchtune's `adapter_params()` idea): any module with an
 `adapter_params()` method returns {name relative to the module: Parameter}, and may define
-`saved_tensors()` (what an adapter folder stores; default: the adapter params). Nothing else in the package
+`saved_tensors()` (what an adapter folder stores; default: the adapter params) and `lr_scales()` ({name:
+learning-rate multiple} for params that do not train at the base rate: LoRA+'s B). Nothing else in the package
 keeps a list of parameter names.
 """
 
@@ -45,4 +46,14 @@ def adapter_saved_tensors(root: nn.Module) -> Dict[str, torch.Tensor]:
             tensors = module.saved_tensors() if hasattr(module, "saved_tensors") else module.adapter_params()
             for name, tensor in tensors.items():
                 found[_join(module_name, name)] = tensor.detach()
+    return found
+
+
+def adapter_lr_scales(root: nn.Module) -> Dict[str, float]:
+    """{full name in `root`: learning-rate multiple} of the adapter params whose module asks for one (lr_scales())."""
+    found = {}
+    for module_name, module in root.named_modules():
+        if hasattr(module, "adapter_params") and hasattr(module, "lr_scales"):
+            for name, scale in module.lr_scales().items():
+                found[_join(module_name, name)] = scale
     return found

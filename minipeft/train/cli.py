@@ -36,6 +36,10 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
             if flag.name in seen:
                 continue
             seen.add(flag.name)
+            if flag.switch:                                  # no value: sets the field to True
+                g.add_argument(flag.name, dest=flag.dest, action="store_true", default=argparse.SUPPRESS,
+                               help=flag.help)
+                continue
             default = getattr(defaults, flag.field)
             shown = ",".join(default) if isinstance(default, tuple) else default
             g.add_argument(flag.name, dest=flag.dest, type=flag.parse, choices=flag.choices,

@@ -27,7 +27,7 @@ import torch
 
 from .. import assets_dir
 from ..reservation import Reservation, claim_output
-from ..peft import METHODS, LoRAConfig, PeftConfigError, get_method
+from ..peft import METHODS, PeftConfigError, get_method
 from ..family_registry import get_family
 
 # Values that a DeepSpeed config may fix; None in TrainConfig means "not given on the command line".
@@ -128,19 +128,26 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
             raise TrainError(str(err)) from None
     model = values.get("model", cfg.model)
     peft = cfg.peft_config
-    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets:   # the family's default targets
+    if _takes_family_targets(peft):                                   # the family's default targets
         from ..checkpoint import open_checkpoint
         peft = peft_for_family(peft, open_checkpoint(model).config().family)
     values["peft"] = peft
     return dataclasses.replace(cfg, **values)
 
 
+def _takes_family_targets(peft) -> bool:
+    """A method config left at its default targets, for a method whose registry entry says what they mean per
+    family (family_targets)."""
+    method = get_method(peft.method)
+    return method.family_targets is not None and peft.targets == type(peft)().targets
+
+
 def peft_for_family(peft, family: str):
-    """LoRA left at its default targets (wq, wv) takes what they mean in the family (its record's
-    default_lora_targets: BLOOM's and ChatGLM-6B's fused wqkv, as HF peft's query_key_value); any other config
-    is returned as it is."""
-    if isinstance(peft, LoRAConfig) and peft.targets == LoRAConfig().targets:
-        return dataclasses.replace(peft, targets=get_family(family).default_lora_targets)
+    """A config left at its default targets takes what they mean in the family (the registry's family_targets:
+    LoRA's and DoRA's wq, wv become BLOOM's and ChatGLM-6B's fused wqkv, as HF peft's query_key_value; (IA)^3's
+    wk, wv, w2 become wqkv, w2); any other config is returned as it is."""
+    if _takes_family_targets(peft):
+        return dataclasses.replace(peft, targets=get_method(peft.method).family_targets(get_family(family)))
     return peft
 
 

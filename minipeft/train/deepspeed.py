@@ -73,7 +73,7 @@ class DeepSpeedTrainer(Trainer):
         cfg = self.cfg
         ds_config = fill_deepspeed_schedule(dict(self.ds_config), cfg, self.total_steps, self.warmup_steps,
                                             source=f"--deepspeed {cfg.deepspeed}")
-        params = [p for _, p in self.trainable]
+        params = self.model.param_groups(cfg.lr)     # groups by lr multiple (LoRA+), as loop.py
         optimizer = None
         if "optimizer" not in ds_config:       # a client AdamW (torch's: nothing to compile)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,

@@ -107,9 +107,9 @@ class Trainer:
         return lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.min_lr_ratio)
 
     def build_optimizer(self) -> None:
-        """AdamW over the trainable parameters only, the warm-up + cosine schedule, the fp16 loss scaler."""
+        """AdamW over the trainable parameters (a group per lr multiple: LoRA+), warm-up + cosine, fp16 scaler."""
         cfg = self.cfg
-        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=cfg.lr, betas=(0.9, 0.999),
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.lr), lr=cfg.lr, betas=(0.9, 0.999),
                                            eps=1e-8, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
