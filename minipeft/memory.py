@@ -222,6 +222,48 @@ def llama_adapter_trainable(cfg: ModelConfig, prompt_len: int, adapter_layers: i
     return adapter_layers * (prompt_len * cfg.dim + cfg.n_heads)
 
 
+# ---- QLoRA: a base stored in 4-bit NormalFloat (peft/qlora.py, quant/nf4.py) ----------------------------
+def nf4_tensor_bytes(numel: int, block_size: int = 64, double_quant: bool = True, scale_block_size: int = 256) -> int:
+    """Bytes of one weight of `numel` numbers in NF4, padded to whole blocks of b: n_blocks * b / 2 bytes of codes,
+    plus per block a float32 absmax (4 bytes), or with double quantisation an int8 code (1 byte) and per 256
+    blocks a float32 scale (4), plus one float32 mean (4)."""
+    n_blocks = -(-numel // block_size)
+    constants = (n_blocks + 4 * -(-n_blocks // scale_block_size) + 4) if double_quant else 4 * n_blocks
+    return n_blocks * block_size // 2 + constants
+
+
+def nf4_bits_per_weight(block_size: int = 64, double_quant: bool = True, scale_block_size: int = 256) -> float:
+    """The paper's figure, padding and the per-tensor mean left out: 4 + 32 / b (4.5 at b = 64), or with
+    double quantisation 4 + 8 / b + 32 / (b * 256) = 4.127."""
+    if double_quant:
+        return 4 + 8 / block_size + 32 / (block_size * scale_block_size)
+    return 4 + 32 / block_size
+
+
+def qlora_base_bytes(cfg: ModelConfig, block_size: int = 64, double_quant: bool = True, other_bytes: int = 2) -> dict:
+    """The frozen base under QLoRA: every linear layer of the blocks in NF4 (nf4_tensor_bytes each), everything
+    else (embedding, output layer, norms, biases) at `other_bytes` per parameter (2: bf16; 4: fp32).
+    Returns {"quantized_params", "quantized", "other_params", "other", "total"} (counts and bytes)."""
+    shapes = lora_target_shapes(cfg)
+    quantized_params = cfg.n_layers * sum(d_in * d_out for d_in, d_out in shapes.values())
+    quantized = cfg.n_layers * sum(nf4_tensor_bytes(d_in * d_out, block_size, double_quant)
+                                   for d_in, d_out in shapes.values())
+    other_params = parameter_count(cfg)["total"] - quantized_params
+    parts = {"quantized_params": quantized_params, "quantized": quantized, "other_params": other_params,
+             "other": other_bytes * other_params}
+    parts["total"] = parts["quantized"] + parts["other"]
+    return parts
+
+
+def qlora_training_bytes(cfg: ModelConfig, rank: int, targets, block_size: int = 64, double_quant: bool = True,
+                         other_bytes: int = 2) -> dict:
+    """Model states of a QLoRA run: the base (qlora_base_bytes) + LoRA's A, B in float32 with their float32
+    gradients and Adam's m, v: 16 bytes per trainable parameter. Returns {"base", "lora", "total"}."""
+    lora = 16 * lora_trainable(cfg, rank, targets)
+    base = qlora_base_bytes(cfg, block_size, double_quant, other_bytes)["total"]
+    return {"base": base, "lora": lora, "total": base + lora}
+
+
 # ---- activations (bytes per token, 16-bit activations, fp32 RMSNorm statistics, fused attention) -----
 def block_activation_bytes_per_token(cfg: ModelConfig, trainable_weights: bool = True) -> int:
     """Bytes one decoder block keeps for backward, per token, in a bf16/fp16 model.

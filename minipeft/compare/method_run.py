@@ -97,9 +97,8 @@ def run_method(cfg: TrainConfig, base, tokenizer, data, ds_config, *, evals_per_
         chunk = train_points[start:start + eval_interval]
         train_curve.append((chunk[-1][0], sum(loss for _, loss in chunk) / len(chunk)))
     best_epoch, best_val = min(val_curve[1:] or val_curve, key=lambda point: point[1])
-    # apply_peft's report; under ZeRO-3 a parameter holds only its shard, and ds_numel its full size.
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in trainer.model.parameters()]
-    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
+    # apply_peft's report (under ZeRO-3 a parameter holds only its shard: the report counts its full size)
+    trainable, total = trainer.model.report.trainable, trainer.model.report.total
     return {
         "method": cfg.method, "lr": cfg.lr, "steps": trainer.total_steps,
         "trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total,

@@ -207,6 +207,28 @@ class LlamaAdapterConfig:
         _check_extra_trainable(self)
 
 
+@dataclass
+class QLoRAConfig(LoRAConfig):
+    """LoRA's fields (rank, alpha, dropout, targets: the same meaning and defaults) on a base whose linear layers
+    are stored in 4-bit NormalFloat (peft/qlora.py): every linear layer of the blocks, whatever the targets."""
+    block_size: int = 64                    # weights per absmax constant
+    double_quant: bool = True               # quantise the absmax constants too (8 bits per block of 64)
+    method = "qlora"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(is_positive_int(self.block_size) and self.block_size % 2 == 0,
+                f"QLoRAConfig.block_size must be an even integer >= 2 (two 4-bit codes share a byte), got "
+                f"{self.block_size!r}")
+        require(isinstance(self.double_quant, bool), f"QLoRAConfig.double_quant must be true or false, got "
+                f"{self.double_quant!r}")
+        require(self.init == "kaiming" and self.lora_plus_ratio == 1.0 and not self.rslora,
+                f"QLoRAConfig: init {self.init!r}, rslora {self.rslora!r}, lora_plus_ratio {self.lora_plus_ratio!r}: "
+                f"QLoRA here trains the paper's LoRA (init 'kaiming', rslora false, lora_plus_ratio 1); PiSSA, "
+                f"rsLoRA and LoRA+ are LoRA's options")
+
+
+
 def config_fields(config) -> dict:
     """The config's fields as plain JSON values (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

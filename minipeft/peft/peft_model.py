@@ -211,14 +211,20 @@ class PeftModel(nn.Module):
                 groups.setdefault(scales.get(name, 1.0), []).append(p)
         return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
 
+    def frozen_elsewhere(self) -> int:
+        """Frozen base weights held in another form than a Parameter: a module's `quantized_numel` (QLoRA's 4-bit
+        layers, quant/nf4_linear.py, keep their weights as buffers of codes). The report counts them as weights."""
+        return sum(getattr(module, "quantized_numel", 0) for module in self.base.modules())
+
     @property
     def report(self) -> TrainableReport:
         params = list(self.parameters())
         return TrainableReport(trainable=sum(full_numel(p) for p in params if p.requires_grad),
-                               total=sum(full_numel(p) for p in params))
+                               total=sum(full_numel(p) for p in params) + self.frozen_elsewhere())
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(full_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
+        held = sum(full_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
+        return held + (0 if trainable_only else self.frozen_elsewhere())
 
     def adapter_state_dict(self) -> dict:
         """The method's tensors by name (without the "base." prefix), detached, as an adapter folder stores

@@ -42,10 +42,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 from .. import cli_types as T
 from .. import memory
-from . import adapter, dora, ia3, llama_adapter, lora, prefix, soft_prompt
+from . import adapter, dora, ia3, llama_adapter, lora, prefix, qlora, soft_prompt
 from ..family_registry import get_family
 from .config import (GATE_KINDS, LORA_INITS, PROMPT_INITS, AdapterConfig, DoRAConfig, FullConfig, IA3Config,
-                     LlamaAdapterConfig, LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig)
+                     LlamaAdapterConfig, LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig, QLoRAConfig)
 from .learning_rates import REAL_BASE_LR, SWEEP_GRID, TINY_COMPARISON_LR, TINY_MODEL_LR
 
 
@@ -270,4 +270,24 @@ register(PeftMethod("ia3", IA3Config, ia3.install, title="(IA)^3", learning_rate
          "where the family fuses q, k, v)", T.names),
     Flag("--ia3-feedforward", "feedforward", "of those, the ones whose input is scaled (the MLP's inner "
          "activation: w2)", T.names),
+)))
+
+
+# QLoRA (peft/qlora.py) takes LoRA's flags (the same fields) and two of its own. It has no 7B entry in the
+# comparison's ZeRO-3 tables: a partitioned base cannot be quantised (its 7B memory is memory.qlora_base_bytes).
+def _on_or_off(text: str) -> bool:
+    choice = text.strip().lower()
+    if choice not in ("on", "off"):
+        raise ValueError(text)
+    return choice == "on"
+
+
+_on_off = T.ArgType("switch", "on or off", _on_or_off)
+
+register(PeftMethod("qlora", QLoRAConfig, qlora.install, title="QLoRA (NF4 base)", learning_rates=_rates("qlora"),
+                    sweep_grid=SWEEP_GRID["qlora"],
+                    closed_form=lambda cfg, c: memory.lora_trainable(cfg, c.rank, c.targets),
+                    flags=METHODS["lora"].flags + (
+    Flag("--qlora-block-size", "block_size", "NF4 block size: weights per absmax constant (even)", T.int_range(2, 4096)),
+    Flag("--qlora-double-quant", "double_quant", "quantise the absmax constants too (on / off)", _on_off),
 )))
