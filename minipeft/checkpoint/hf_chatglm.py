@@ -208,7 +208,7 @@ def chatglm_v1_state_from_ours(state: dict, cfg: ModelConfig) -> dict:
         if rest == "attention.wqkv":
             tensor = pairs_to_rotate_half(tensor, cfg.n_heads)
         out[f"transformer.layers.{index}.{ours_to_v1[rest]}.{param}"] = tensor
-    out["lm_head.weight"] = state["tok_embeddings.weight"]
+    out["lm_head.weight"] = state["tok_embeddings.weight"].clone()              # its own tensor in the file
     half = cfg.head_dim // 2
     inv_freq = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float32) / half)).half()
     for i in range(cfg.n_layers):

@@ -12,14 +12,16 @@ The files, bottom up (each imports only those above it):
     peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
     api.py             apply_peft, merge_lora
     save_load.py       save_adapter, load_adapter (adapter folders with a base fingerprint)
-    hf_export.py       export_lora_to_hf_peft
+    hf_export.py       export_adapter_to_hf_peft (and export_lora_to_hf_peft): adapters out to Hugging Face peft
+    hf_import.py       load_hf_peft_adapter: a Hugging Face peft adapter folder in (load_adapter calls it)
 """
 
 from .adapter import BottleneckAdapter, LinearWithAdapter
 from .api import apply_peft, merge_lora, peft_configs
 from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
                      PeftConfigError, PrefixConfig, PromptConfig)
-from .hf_export import export_lora_to_hf_peft
+from .hf_export import export_adapter_to_hf_peft, export_lora_to_hf_peft
+from .hf_import import load_hf_peft_adapter
 from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
 from .peft_model import PeftModel, TrainableReport
@@ -37,5 +39,6 @@ __all__ = [
     "FullConfig", "LoRAConfig", "PromptConfig", "PrefixConfig", "AdapterConfig", "LlamaAdapterConfig",
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
+    "export_adapter_to_hf_peft", "load_hf_peft_adapter",
     "LoRALinear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
 ]
