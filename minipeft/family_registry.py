@@ -19,7 +19,10 @@ A record (the built-in four are in families.py; a new family registers its own f
                               LoRAConfig's default ("wq", "wv": query and value) means here (wqkv when fused)
     tokenizer_may_be_smaller  may the embedding have more rows than the tokenizer has pieces (padded vocabularies)?
     hf                        reading a Hugging Face folder of this family (checkpoint.readers.HFFamily), or None
-    hf_names                  writing LoRA for Hugging Face peft (peft/hf_export.py: HFNames), or None
+    hf_names                  our module names in a Hugging Face model, both ways, for peft adapters out and in
+                              (peft/hf_export.py, peft/hf_import.py: HFNames), or None
+    hf_export                 writing a whole model as a Hugging Face folder (checkpoint.hf_export_model.
+                              HFModelLayout), or None
     formulas                  the closed forms memory.py evaluates (FamilyFormulas), or None (then counted on the
                               meta device)
 
@@ -52,9 +55,17 @@ class FamilyFormulas:
 
 @dataclass(frozen=True)
 class HFNames:
-    """How our module names and LoRA tensors map onto a transformers model's (peft's adapter layout)."""
-    module_to_hf: Callable             # "layers.0.attention.wq" -> "model.layers.0.self_attn.q_proj"
+    """How our module names and tensors map onto a Hugging Face model's (the model export's layout), so peft's
+    adapter files can be written and read (peft/hf_export.py, peft/hf_import.py)."""
+    module_to_hf: Callable             # "layers.0.attention.wq" -> "model.layers.0.self_attn.q_proj" (a module of
+                                       # ours may be a row block of a fused HF module: ChatGLM2's w1 ; w3)
     lora_b_to_hf: Callable = None      # (module name, lora_B (d_out, r), cfg) -> rows as transformers orders them
+    lora_b_from_hf: Callable = None    # its inverse
+    hf_to_modules: Callable = None     # (HF module name, cfg) -> [(our module, its rows or None for all)], in row
+                                       # order; may accept more than one naming (the original code's too)
+    key_vectors_to_hf: Callable = None    # prefix keys (..., hd) in our order -> the HF model's (a rotary permutation)
+    key_vectors_from_hf: Callable = None  # its inverse
+    model_type: str = ""               # the transformers model_type of the exported folder (peft's configs name it)
 
 
 def _no_checks(cfg) -> None:
@@ -72,6 +83,7 @@ class Family:
     tokenizer_may_be_smaller: bool = False
     hf: Optional[object] = None
     hf_names: Optional[HFNames] = None
+    hf_export: Optional[object] = None
     formulas: Optional[FamilyFormulas] = None
 
     @property

@@ -42,6 +42,7 @@ REQUIRED = {
     "prepare_data": ["data.json"],
     "extend_vocab": ["--base-tokenizer", "t.model", "--corpus", "zh.txt", "--out", "x.model"],
     "pretrain_tiny": ["--corpus", "c.txt", "--out", "o"],
+    "export": ["ckpt", "--out", "o"],
 }
 
 

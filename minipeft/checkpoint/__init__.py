@@ -34,6 +34,8 @@ The files of this package:
     readers.py    format detection and the readers of our, Meta's and Hugging Face folders
     writer.py     the streaming shard writer
     folder.py     save_model, load_model, iter_checkpoint_tensors, convert_checkpoint
+    hf_glm.py     ChatGLM2 <-> transformers' GlmForCausalLM names (the model export's layout for ChatGLM2)
+    hf_export_model.py   export_model_to_hf: a whole model -> a Hugging Face folder of its family's layout
 """
 
 from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPES, INDEX_NAME, TOKENIZER_JSON_NAME, TOKENIZER_NAME,
@@ -42,6 +44,7 @@ from .files import (CONFIG_NAME, DEFAULT_MAX_SHARD_SIZE, DTYPES, INDEX_NAME, TOK
                     expected_shapes, folder_tokenizer, tokenizer_vocab_size)
 from .hf_bloom import bloom_config_from_hf, bloom_module_to_hf, hf_bloom_key_to_ours
 from .folder import convert_checkpoint, iter_checkpoint_tensors, load_model, save_model, write_model_files
+from .hf_export_model import export_model_to_hf
 from .hf_llama import hf_key_to_ours, hf_tensor_to_ours, ours_module_to_hf, permute_for_hf, unpermute_hf_rotary
 from .readers import READERS, detect_format, open_checkpoint
 from .writer import parse_size
@@ -51,4 +54,4 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "INDEX_NAME", "TOKENIZER_NAME", "TOKEN
            "CheckpointError", "TensorChecker", "expected_shapes", "tokenizer_vocab_size", "convert_checkpoint",
            "iter_checkpoint_tensors", "load_model", "save_model", "write_model_files", "check_tokenizer_fits", "check_tokenizer_family", "hf_key_to_ours", "hf_tensor_to_ours",
            "ours_module_to_hf", "permute_for_hf", "unpermute_hf_rotary", "READERS", "detect_format",
-           "open_checkpoint", "parse_size"]
+           "open_checkpoint", "parse_size", "export_model_to_hf"]

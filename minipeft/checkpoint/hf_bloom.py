@@ -86,3 +86,15 @@ def bloom_config_from_hf(path_or_dict: Union[str, Path, dict]) -> ModelConfig:
     return ModelConfig(family="bloom", dim=dim, n_layers=hf["n_layer"], n_heads=hf["n_head"],
                        vocab_size=hf["vocab_size"], ffn_hidden_dim=4 * dim,
                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_seq_len=hf.get("seq_length", 2048))
+
+
+def ours_tensor_to_hf_bloom(key: str, tensor: torch.Tensor, cfg: ModelConfig) -> Tuple[str, torch.Tensor]:
+    """One of our tensors -> (transformers BloomForCausalLM key, tensor); the inverse of hf_bloom_tensor_to_ours
+    (lm_head is not written: transformers ties it to the embedding)."""
+    module, _, param = key.rpartition(".")
+    return f"{bloom_module_to_hf(module)}.{param}", tensor
+
+
+def hf_bloom_module_to_ours(hf_module: str, cfg: ModelConfig):
+    """transformer.h.0.self_attention.query_key_value -> [("layers.0.attention.wqkv", None)] (hf_llama's form)."""
+    return [(hf_bloom_key_to_ours(f"{hf_module}.weight").removesuffix(".weight"), None)]

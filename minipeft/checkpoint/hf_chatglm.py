@@ -187,3 +187,82 @@ def chatglm_tokenizer_file(folder: Path) -> Optional[Path]:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+# ---- ours -> the original's layout (export), and the original's module names (peft adapters in and out) ------
+V1_TOP = {"tok_embeddings": "transformer.word_embeddings", "norm": "transformer.final_layernorm"}
+
+
+def chatglm_v1_state_from_ours(state: dict, cfg: ModelConfig) -> dict:
+    """Our ChatGLM-6B state dict -> THUDM/chatglm-6b's (the inverse of _v1_tensor): q/k rows back to rotate-half
+    order, lm_head.weight written as the embedding (the original stores it), and each layer's rotary
+    `inv_freq` buffer as the original computes it (10000^(-2i/(hd/2)), rounded to float16)."""
+    ours_to_v1 = {ours: theirs for theirs, ours in V1_NAMES.items()}
+    out = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        if module in V1_TOP:
+            out[f"{V1_TOP[module]}.{param}"] = tensor
+            continue
+        _, index, rest = module.split(".", 2)
+        if rest == "attention.wqkv":
+            tensor = pairs_to_rotate_half(tensor, cfg.n_heads)
+        out[f"transformer.layers.{index}.{ours_to_v1[rest]}.{param}"] = tensor
+    out["lm_head.weight"] = state["tok_embeddings.weight"].clone()              # its own tensor in the file
+    half = cfg.head_dim // 2
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, half, 2, dtype=torch.float32) / half)).half()
+    for i in range(cfg.n_layers):
+        out[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = inv_freq.clone()
+    return out
+
+
+def chatglm_v1_module_to_hf(name: str) -> str:
+    """layers.0.attention.wqkv -> transformer.layers.0.attention.query_key_value (peft's names on the original)."""
+    if name in V1_TOP:
+        return V1_TOP[name]
+    ours_to_v1 = {ours: theirs for theirs, ours in V1_NAMES.items()}
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "layers" or parts[2] not in ours_to_v1:
+        raise KeyError(name)
+    return f"transformer.layers.{parts[1]}.{ours_to_v1[parts[2]]}"
+
+
+def chatglm_v1_module_to_ours(hf_module: str, cfg: ModelConfig):
+    """The inverse of chatglm_v1_module_to_hf, as [(our module, None)] (hf_llama.hf_module_to_ours's form)."""
+    index, rest, _ = _split_key(f"{hf_module}.weight", "layers.")
+    if index is None:
+        top = {theirs.removeprefix("transformer."): ours for ours, theirs in V1_TOP.items()}
+        if rest not in top:
+            raise KeyError(hf_module)
+        return [(top[rest], None)]
+    if rest not in V1_NAMES:
+        raise KeyError(hf_module)
+    return [(f"layers.{index}.{V1_NAMES[rest]}", None)]
+
+
+def chatglm_v1_lora_b(name: str, lora_B: torch.Tensor, cfg: ModelConfig, to_hf: bool = True) -> torch.Tensor:
+    """A LoRA B (3 H hd, r) on the fused wqkv, rows reordered like the weight's (Delta W = Perm B A)."""
+    if not name.endswith("attention.wqkv"):
+        return lora_B
+    return pairs_to_rotate_half(lora_B, cfg.n_heads) if to_hf else rotate_half_to_pairs(lora_B, cfg.n_heads)
+
+
+def chatglm2_thudm_module_to_ours(hf_module: str, cfg: ModelConfig):
+    """THUDM/chatglm2-6b's module names (peft adapters trained on the original code) -> our modules and the rows of
+    the original's module each holds: query_key_value = [wq (H hd) ; wk (G hd) ; wv (G hd)], dense_h_to_4h =
+    [w1 (F) ; w3 (F)]."""
+    index, rest, _ = _split_key(f"{hf_module}.weight", "encoder.layers.")
+    if index is None:
+        top = {"embedding.word_embeddings": "tok_embeddings", "output_layer": "output"}
+        if rest not in top:
+            raise KeyError(hf_module)
+        return [(top[rest], None)]
+    layer = f"layers.{index}"
+    if rest == "self_attention.query_key_value":
+        return [(f"{layer}.attention.wq", cfg.n_heads * cfg.head_dim), (f"{layer}.attention.wk", cfg.kv_dim),
+                (f"{layer}.attention.wv", cfg.kv_dim)]
+    if rest == "mlp.dense_h_to_4h":
+        return [(f"{layer}.feed_forward.w1", cfg.ffn_hidden_dim), (f"{layer}.feed_forward.w3", cfg.ffn_hidden_dim)]
+    if rest not in V2_NAMES:
+        raise KeyError(hf_module)
+    return [(f"{layer}.{V2_NAMES[rest]}", None)]

@@ -77,3 +77,39 @@ def lora_b_to_hf(name: str, lora_B: torch.Tensor, cfg: ModelConfig) -> torch.Ten
     if name.endswith("attention.wk"):
         return permute_for_hf(lora_B, cfg.n_kv_heads)
     return lora_B
+
+
+def ours_tensor_to_hf(key: str, tensor: torch.Tensor, cfg: ModelConfig):
+    """One of our tensors -> (HF key, tensor): the inverse of hf_tensor_to_ours (q / k rows permuted for HF)."""
+    module, _, param = key.rpartition(".")
+    if module.endswith("attention.wq"):
+        tensor = permute_for_hf(tensor, cfg.n_heads)
+    elif module.endswith("attention.wk"):
+        tensor = permute_for_hf(tensor, cfg.n_kv_heads)
+    return f"{ours_module_to_hf(module)}.{param}", tensor
+
+
+def hf_module_to_ours(hf_module: str, cfg: ModelConfig):
+    """model.layers.0.self_attn.q_proj -> [("layers.0.attention.wq", n rows)] (the inverse of ours_module_to_hf,
+    in the form every family's table gives: the modules of ours that one HF module's rows hold, in order)."""
+    return [(hf_key_to_ours(f"{hf_module}.weight").removesuffix(".weight"), None)]
+
+
+def lora_b_from_hf(name: str, lora_B: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The inverse of lora_b_to_hf: a q / k projection's B rows back to Meta's order."""
+    if name.endswith("attention.wq"):
+        return unpermute_hf_rotary(lora_B, cfg.n_heads)
+    if name.endswith("attention.wk"):
+        return unpermute_hf_rotary(lora_B, cfg.n_kv_heads)
+    return lora_B
+
+
+def key_vectors_to_hf(keys: torch.Tensor) -> torch.Tensor:
+    """Key head vectors (..., hd) in Meta's adjacent-pair order -> transformers' half-split order (a prefix key
+    meets HF's permuted queries: per head, HF index c*(hd/2)+i holds Meta index 2i+c)."""
+    return keys.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
+def key_vectors_from_hf(keys: torch.Tensor) -> torch.Tensor:
+    """The inverse of key_vectors_to_hf."""
+    return keys.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)

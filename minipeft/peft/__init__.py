@@ -13,7 +13,8 @@ The files, bottom up (each imports only those above it):
     peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
     api.py             apply_peft, merge_lora
     save_load.py       save_adapter, load_adapter (adapter folders with a base fingerprint)
-    hf_export.py       export_lora_to_hf_peft
+    hf_export.py       export_adapter_to_hf_peft (and export_lora_to_hf_peft): adapters out to Hugging Face peft
+    hf_import.py       load_hf_peft_adapter: a Hugging Face peft adapter folder in (load_adapter calls it)
 """
 
 from .adapter import BottleneckAdapter, LinearWithAdapter
@@ -21,7 +22,8 @@ from .api import apply_peft, merge_lora, peft_configs
 from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig,
                      LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig)
 from .dora import DoRALinear
-from .hf_export import export_lora_to_hf_peft
+from .hf_export import export_adapter_to_hf_peft, export_lora_to_hf_peft
+from .hf_import import load_hf_peft_adapter
 from .ia3 import IA3Linear
 from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
@@ -41,5 +43,7 @@ __all__ = [
     "DoRAConfig", "IA3Config",
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
-    "LoRALinear", "DoRALinear", "IA3Linear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
+    "export_adapter_to_hf_peft", "load_hf_peft_adapter",
+    "LoRALinear", "DoRALinear", "IA3Linear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV",
+    "GatedAdapterPrompt",
 ]

@@ -8,6 +8,8 @@
                           plus the full weights of the base modules named in the config's `extra_trainable`
                           (tok_embeddings.weight, output.weight: (V, d) each, e.g. after a vocabulary extension)
 
+A folder written by Hugging Face peft (its adapter_config.json has "peft_type") is read by hf_import.py instead.
+
 "full" writes the whole model with checkpoint.save_model (config.json + model.safetensors) beside its
 adapter_config.json. Loading checks the fingerprint field by field, so an adapter never lands on another
 base; the method's registry entry says how to build it before the saved tensors are copied in.
@@ -75,6 +77,8 @@ def _read_adapter_config(folder: Path) -> dict:
         raise PeftConfigError(f"{path}: file not found (an adapter folder holds {ADAPTER_CONFIG_NAME} and "
                               f"{ADAPTER_WEIGHTS_NAME}, written by save_adapter)")
     data = read_json(path, PeftConfigError)
+    if "peft_type" in data:
+        return data
     for key in ("method", "config", "base_config"):
         if key not in data:
             raise PeftConfigError(f"{path}: missing key {key!r}")
@@ -148,6 +152,9 @@ def load_adapter(base_model: nn.Module, folder, method: Optional[str] = None,
     folder = Path(folder)
     data = _read_adapter_config(folder)
     source = str(folder / ADAPTER_CONFIG_NAME)
+    if "peft_type" in data:                                     # written by Hugging Face peft (or exported there)
+        from .hf_import import load_hf_peft_adapter
+        return load_hf_peft_adapter(base_model, folder)
     if method is not None and data["method"] != method:
         raise PeftConfigError(f"{source}: the adapter's method is {data['method']!r}, expected {method!r}")
     config = config_from_dict(data["method"], data["config"], source)
