@@ -73,6 +73,17 @@ def test_lora_export_loads_in_peft(bases, case, tmp_path):
     check_round_trip(mine, family, tmp_path / "lora", got)
 
 
+def test_rslora_export_of_a_fused_module_keeps_its_scale(bases, tmp_path):
+    """GLM's fused gate_up_proj holds our w1 and w3 as one rank-2r LoRA: with rsLoRA its alpha becomes
+    alpha * sqrt(2) (alpha' / sqrt(2 r) = alpha / sqrt(r)), not 2 alpha."""
+    ours, hf = bases["chatglm2"]
+    mine = randomise(apply_peft(copy.deepcopy(ours), LoRAConfig(rank=4, alpha=8, targets=("wq", "w1", "w3"),
+                                                                rslora=True))).eval()
+    export_adapter_to_hf_peft(mine, tmp_path / "rslora")
+    got = check_in_peft(mine, hf, tmp_path / "rslora")
+    check_round_trip(mine, "chatglm2", tmp_path / "rslora", got)
+
+
 @pytest.mark.parametrize("family", ["llama", "bloom", "chatglm2"])
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
 def test_prompt_and_prefix_exports_load_in_peft(bases, family, method, tmp_path):

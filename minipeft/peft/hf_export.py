@@ -30,6 +30,7 @@ extra_trainable embeddings, a family without a Hugging Face name table.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -55,11 +56,10 @@ def _base_config(method: str) -> dict:
 
 def _lora(model: PeftModel, names) -> tuple:
     cfg, config = model.base.config, model.peft_config
-    if config.init == "pissa" or config.rslora:
-        raise PeftConfigError(f"export_adapter_to_hf_peft: a LoRA with init {config.init!r}, rslora {config.rslora}: "
-                              f"the export writes peft's plain LoRA only (a PiSSA adapter's A, B belong to the "
-                              f"residual base; rsLoRA's scaling is not written yet); merge_lora it into a checkpoint "
-                              f"and export that instead")
+    if config.init == "pissa":
+        raise PeftConfigError("export_adapter_to_hf_peft: a PiSSA adapter (init 'pissa') holds A, B for the residual "
+                              "base weights, not for the original model peft would load it onto; merge_lora it "
+                              "into a plain checkpoint instead")
     loras = dict(lora_modules(model, "export_adapter_to_hf_peft"))
     by_hf = {}
     for name, lora in loras.items():
@@ -86,7 +86,10 @@ def _lora(model: PeftModel, names) -> tuple:
         tensors[f"base_model.model.{hf_name}.lora_B.weight"] = B
         if len(present) > 1:
             short = hf_name.rsplit(".", 1)[-1]
-            rank_pattern[short], alpha_pattern[short] = len(present) * config.rank, len(present) * config.alpha
+            k = len(present)                  # k blocks of rank r: the same scale s at rank k r needs alpha' with
+            # alpha' / (k r) = alpha / r, or with rsLoRA alpha' / sqrt(k r) = alpha / sqrt(r)
+            rank_pattern[short] = k * config.rank
+            alpha_pattern[short] = (math.sqrt(k) if config.rslora else k) * config.alpha
     params = dict(model.base.named_parameters())
     targets = {hf_name.rsplit(".", 1)[-1] for hf_name in by_hf}
     modules_to_save = []
@@ -99,7 +102,7 @@ def _lora(model: PeftModel, names) -> tuple:
         modules_to_save.append(hf_name.rsplit(".", 1)[-1])
     hf_config = {**_base_config("LORA"), "r": config.rank, "lora_alpha": config.alpha,
                  "lora_dropout": config.dropout, "target_modules": sorted(targets), "bias": "none",
-                 "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                 "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": config.rslora, "use_dora": False,
                  "modules_to_save": sorted(modules_to_save) or None, "layers_to_transform": None,
                  "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     return tensors, hf_config
