@@ -10,9 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minipeft"
 TOOLS = PACKAGE.parent / "tools"
 # A family's own files: its decoder, its tokenizer rules and its Hugging Face name table.
 FAMILY_FILES = ("model.py", "bloom.py", "chatglm.py", "tokenizer_chatglm.py", "checkpoint/hf_llama.py",
-                "checkpoint/hf_bloom.py", "checkpoint/hf_chatglm.py")
+                "checkpoint/hf_bloom.py", "checkpoint/hf_chatglm.py", "checkpoint/hf_glm.py")
 FAMILY_MODULES = ("minipeft.model", "minipeft.bloom", "minipeft.chatglm", "minipeft.tokenizer_chatglm",
-                  "minipeft.checkpoint.hf_llama", "minipeft.checkpoint.hf_bloom", "minipeft.checkpoint.hf_chatglm")
+                  "minipeft.checkpoint.hf_llama", "minipeft.checkpoint.hf_bloom", "minipeft.checkpoint.hf_chatglm",
+                  "minipeft.checkpoint.hf_glm")
 
 
 def module_name(path: Path) -> str:

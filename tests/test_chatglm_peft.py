@@ -5,6 +5,8 @@ peft/peft_model.py), checked against the float64 reference written from the form
 prefix = the original's P-tuning v2 (unrotated slots, real positions unshifted), prompt = P extra context tokens
 in front (positions 0..P-1, block 0; real positions + P)."""
 
+import json
+
 import pytest
 import torch
 
@@ -155,12 +157,12 @@ def test_prefix_and_prompt_generate_with_cache_as_without(method, converted):
         assert new == greedy_without_cache(model, prompt, 10)
 
 
-def test_hf_peft_export_refuses_chatglm(converted, tmp_path):
-    """The HF peft export writes LLaMA's names and rotary permutation: refused for ChatGLM-6B, nothing written."""
+def test_hf_peft_export_writes_the_originals_names(converted, tmp_path):
+    """The HF peft export of a ChatGLM-6B LoRA names the original's modules (query_key_value, with its rows in the
+    original's rotate-half order: tests/test_hf_peft_io.py checks the numbers against the float64 reference)."""
     model = apply_peft(load_model(converted[0]), METHODS["lora"])
-    with pytest.raises(PeftConfigError, match="family is 'chatglm'"):
-        export_lora_to_hf_peft(model, tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    export_lora_to_hf_peft(model, tmp_path / "hf")
+    assert "query_key_value" in json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["target_modules"]
 
 
 def test_lora_default_targets_name_chatglms_projections(converted):

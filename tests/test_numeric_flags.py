@@ -131,6 +131,7 @@ ACCEPTED = {
     ("vocab_experiment", "--log-every", BIG_INT): "log the first step only",
     ("vocab_experiment", "--lr", "1e12"): "finite; a diverging run is reported by its loss",
     ("convert_checkpoint", "--max-shard-size", BIG_INT): "shards of up to a terabyte: one file in practice",
+    ("export", "--max-shard-size", BIG_INT): "shards of up to a terabyte: one file in practice",
     ("bench", "--masked", "0"): "no position masked: the LoRA step labels every position",
     ("gpu_lora_bench", "--fp16-steps", "0"): "skip the fp16 phase (documented)",
     ("gpu_lora_bench", "--warmup", "0"): "no untimed steps",
