@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_bloom import make_bloom_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
+from minipeft.peft.config import QLoRAConfig  # noqa: E402
 from minipeft.peft import (AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig, LoRAConfig,  # noqa: E402
                            PrefixConfig, PromptConfig, load_adapter)
 from minipeft.train import METHODS, TrainConfig, build_trainer, evaluate_loss, prepare_run  # noqa: E402
@@ -21,7 +22,7 @@ from minipeft.train import METHODS, TrainConfig, build_trainer, evaluate_loss, p
 ROOT = Path(__file__).resolve().parents[1]
 MAX_SEQ_LEN = 48
 METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1,
-             "dora": 5e-2, "ia3": 2e-1}
+             "dora": 5e-2, "ia3": 2e-1, "qlora": 5e-2}
 METHOD_PEFT = {
     "full": FullConfig(),
     "lora": LoRAConfig(rank=4, targets=("wqkv", "wo", "w1", "w2")),
@@ -31,6 +32,7 @@ METHOD_PEFT = {
     "llama_adapter": LlamaAdapterConfig(prompt_len=4, adapter_layers=2),
     "dora": DoRAConfig(rank=4, targets=("wqkv", "w2")),
     "ia3": IA3Config(targets=("wqkv", "w2")),
+    "qlora": QLoRAConfig(rank=4, targets=("wqkv", "w2")),
 }
 
 
@@ -54,7 +56,9 @@ def test_method_trains_on_bloom(ws, tmp_path, method):
     after = trainer.evaluate()["val_loss"]
     assert all(math.isfinite(x) for x in losses) and sum(losses[-3:]) / 3 < losses[0] and after < before
     base_now = trainer.model.base.state_dict()
-    changed = [k for k, v in before_base.items() if not torch.equal(base_now[k].cpu(), v)]
+    missing = sorted(set(before_base) - set(base_now))       # QLoRA holds its linear weights as 4-bit buffers
+    assert all(k.endswith(".weight") for k in missing) and bool(missing) == (method == "qlora"), missing
+    changed = [k for k, v in before_base.items() if k in base_now and not torch.equal(base_now[k].cpu(), v)]
     assert changed == ([] if method != "full" else list(before_base))
     folder = trainer.save_final()
     reloaded = load_adapter(load_model(ws["model"]), folder)

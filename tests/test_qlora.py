@@ -147,7 +147,7 @@ def test_training_keeps_the_4bit_base_and_the_adapter_reloads_bit_identically(ba
     reloaded = dict(loaded.named_buffers())
     assert all(torch.equal(v, reloaded[k]) for k, v in buffers_before.items())
     assert torch.equal(loaded(tokens), model(tokens))
-    with pytest.raises(PeftConfigError, match="needs a PeftModel with LoRA"):
+    with pytest.raises(PeftConfigError, match="needs a method that folds into the weights"):
         merge_lora(loaded)
     with pytest.raises(PeftConfigError, match="larger than min"):
         apply_peft(copy.deepcopy(base), QLoRAConfig(rank=65))

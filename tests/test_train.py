@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft.checkpoint import load_model  # noqa: E402
+from minipeft.peft.config import QLoRAConfig  # noqa: E402
 from minipeft.peft import (AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig, LoRAConfig,  # noqa: E402
                            PrefixConfig, PromptConfig, load_adapter)
 from minipeft.train import (METHODS, TrainConfig, TrainError, build_arg_parser, build_trainer,  # noqa: E402
@@ -30,7 +31,7 @@ DEVICE = os.environ.get("MINIPEFT_DEVICE", "cpu")     # tools/gpu_check.sh sets 
 
 # Small hyper-parameters so each method has a handful of trainable parameters and learns in a few steps.
 METHOD_LR = {"full": 1e-2, "lora": 5e-2, "prompt": 2e-1, "prefix": 1e-1, "adapter": 5e-2, "llama_adapter": 2e-1,
-             "dora": 5e-2, "ia3": 2e-1}
+             "dora": 5e-2, "ia3": 2e-1, "qlora": 5e-2}
 METHOD_PEFT = {
     "full": dict(),
     "lora": dict(rank=4, targets=("wq", "wv", "w2")),
@@ -40,9 +41,11 @@ METHOD_PEFT = {
     "llama_adapter": dict(prompt_len=4, adapter_layers=2),
     "dora": dict(rank=4, targets=("wq", "wv", "w2"), rslora=True, lora_plus_ratio=4.0),   # + the LoRA options
     "ia3": dict(),
+    "qlora": dict(rank=4, targets=("wq", "wv", "w2")),
 }
 PEFT_CLASSES = {"full": FullConfig, "lora": LoRAConfig, "prompt": PromptConfig, "prefix": PrefixConfig,
-                "adapter": AdapterConfig, "llama_adapter": LlamaAdapterConfig, "dora": DoRAConfig, "ia3": IA3Config}
+                "adapter": AdapterConfig, "llama_adapter": LlamaAdapterConfig, "dora": DoRAConfig, "ia3": IA3Config,
+                "qlora": QLoRAConfig}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,9 @@ def test_method_trains_keeps_base_and_reloads(ws, tmp_path, method):
     assert after < before
 
     base_now = trainer.model.base.state_dict()
-    changed = [k for k, v in base_before.items() if not torch.equal(base_now[k].cpu(), v)]
+    missing = sorted(set(base_before) - set(base_now))       # QLoRA holds its linear weights as 4-bit buffers
+    assert all(k.endswith(".weight") for k in missing) and bool(missing) == (method == "qlora"), missing
+    changed = [k for k, v in base_before.items() if k in base_now and not torch.equal(base_now[k].cpu(), v)]
     if method == "full":
         assert len(changed) == len(base_before)              # every weight trained
     else:

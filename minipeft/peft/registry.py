@@ -285,7 +285,7 @@ def _on_or_off(text: str) -> bool:
 _on_off = T.ArgType("switch", "on or off", _on_or_off)
 
 register(PeftMethod("qlora", QLoRAConfig, qlora.install, title="QLoRA (NF4 base)", learning_rates=_rates("qlora"),
-                    sweep_grid=SWEEP_GRID["qlora"],
+                    sweep_grid=SWEEP_GRID["qlora"], family_targets=_lora_family_targets,
                     closed_form=lambda cfg, c: memory.lora_trainable(cfg, c.rank, c.targets),
                     flags=METHODS["lora"].flags + (
     Flag("--qlora-block-size", "block_size", "NF4 block size: weights per absmax constant (even)", T.int_range(2, 4096)),
