@@ -12,7 +12,7 @@ Each variant runs in a fresh process (this file with --variant), with glibc's mm
 that freed tensors leave the resident set. It reports the bytes of the base's tensors (state_dict: the block
 linears alone and the whole base), memory.py's closed form for the whole base, the resident set the model adds
 to the process (read from /proc/self/status before and after building it), and the peak resident set of one
-training step (forward + loss + backward, batch 4 x 64) over the process before the model. Then LoRA and QLoRA
+training step (forward + loss + backward, batch 2 x 32) over the process before the model. Then LoRA and QLoRA
 steps on the wide fp32 base are timed, interleaved (bench.py's compare): the cost of dequantising on the fly.
 Nothing here is asserted; docs/qlora.md holds a run and reads it.
 """
@@ -40,6 +40,7 @@ VARIANTS = ("fp32 + LoRA", "fp16 + LoRA", "NF4 (rest fp32) + QLoRA", "NF4 (rest 
 WIDE = dict(dim=768, n_layers=6, n_heads=12, n_kv_heads=12, vocab_size=1024, ffn_hidden_dim=2048, max_seq_len=128)
 TINY_LLAMA = Path(__file__).resolve().parents[1] / "minipeft" / "assets" / "tiny-llama"
 MiB = 2 ** 20
+STEP_BATCH = (2, 32)                     # tokens of the measured and timed steps (fp16 matmuls are slow on a CPU)
 
 
 def build(shape: str, variant: str):
@@ -67,7 +68,7 @@ def warm_up(shape: str, variant: str) -> None:
     reader's modules, about 80 MiB; the autograd engine; the kernels) is then in the resident set before the
     measured model is built."""
     model, cfg = build(shape, variant)
-    tokens = torch.randint(0, cfg.vocab_size, (4, 64))
+    tokens = torch.randint(0, cfg.vocab_size, STEP_BATCH)
     model.loss(tokens, tokens).backward()
     del model
     gc.collect()
@@ -86,7 +87,7 @@ def measure_variant(shape: str, variant: str) -> dict:
     closed = (memory.qlora_base_bytes(cfg, other_bytes=rest_bytes)["total"] if "NF4" in variant
               else rest_bytes * memory.parameter_count(cfg)["total"])
     model_rss = resident() - before
-    tokens = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, cfg.vocab_size, STEP_BATCH, generator=torch.Generator().manual_seed(0))
     peak = PeakMemory(torch.device("cpu"))
     peak.reset()
     model.loss(tokens, tokens).backward()
@@ -128,9 +129,9 @@ def main(argv=None) -> dict:
                         f"{r['step_peak'] / MiB:.1f} MiB |")
             print(rows[-1], flush=True)
     models = {"LoRA": build("wide", VARIANTS[0])[0].train(), "QLoRA": build("wide", VARIANTS[2])[0].train()}
-    tokens = torch.randint(0, WIDE["vocab_size"], (4, 64), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, WIDE["vocab_size"], STEP_BATCH, generator=torch.Generator().manual_seed(0))
     medians = compare({n: step(lambda m=m: m.loss(tokens, tokens), m) for n, m in models.items()}, args.repeats)
-    rows += ["", f"Step time on the wide fp32 base (forward + loss + backward, batch 4 x 64, median of {args.repeats}, "
+    rows += ["", f"Step time on the wide fp32 base (forward + loss + backward, batch 2 x 32, median of {args.repeats}, "
              f"interleaved): LoRA {1000 * medians['LoRA']:.0f} ms, QLoRA {1000 * medians['QLoRA']:.0f} ms "
              f"({medians['QLoRA'] / medians['LoRA']:.2f}x)."]
     print(rows[-1], flush=True)

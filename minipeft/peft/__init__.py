@@ -7,6 +7,7 @@ The files, bottom up (each imports only those above it):
     config.py          PeftConfigError and one validated config dataclass per method
     replace.py         replace a sub-module by name; collect what the method modules declare they train
     lora.py, soft_prompt.py, prefix.py, adapter.py, llama_adapter.py   one method each: its modules + install()
+    qlora.py           LoRA on a base stored in 4-bit NormalFloat (minipeft/quant)
     learning_rates.py  the built-in methods' tuned default learning rates and sweep grid
     registry.py        the table of methods (PeftMethod): what apply_peft, save/load, the CLI and the tools read
     peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
@@ -18,12 +19,13 @@ The files, bottom up (each imports only those above it):
 from .adapter import BottleneckAdapter, LinearWithAdapter
 from .api import apply_peft, merge_lora, peft_configs
 from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, FullConfig, LlamaAdapterConfig, LoRAConfig,
-                     PeftConfigError, PrefixConfig, PromptConfig)
+                     PeftConfigError, PrefixConfig, PromptConfig, QLoRAConfig)
 from .hf_export import export_lora_to_hf_peft
 from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
 from .peft_model import PeftModel, TrainableReport
 from .prefix import PrefixKV
+from .qlora import QLoRALinear
 from .registry import (METHODS, Flag, LearningRates, PeftMethod, closed_form_trainable, default_learning_rate,
                        get_method, register, unregister)
 from .save_load import load_adapter, save_adapter
@@ -37,5 +39,6 @@ __all__ = [
     "FullConfig", "LoRAConfig", "PromptConfig", "PrefixConfig", "AdapterConfig", "LlamaAdapterConfig",
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
+    "QLoRAConfig", "QLoRALinear",
     "LoRALinear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV", "GatedAdapterPrompt",
 ]
