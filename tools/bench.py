@@ -4,6 +4,7 @@
         [--dim 256 --layers 4 --heads 8 --kv-heads 4 --intermediate 688 --vocab 32000 --seq 256 --batch 4]
         [--prompt-len 16 --new-tokens 64] [--masked 0.8]
     PYTHONPATH=/path/with/litgpt ...     # litgpt (pip install --target ... litgpt lightning ...) as a second peer
+    python tools/bench.py --qlora-memory [--write docs/qlora.md]   # QLoRA's base against fp32 and fp16 (below)
 
 Peers: transformers' LlamaForCausalLM (+ peft for LoRA), each through its own documented path, and litgpt's
 GPT when it can be imported (it is never a dependency of minipeft or its tests). Workloads (float32):
@@ -17,6 +18,9 @@ GPT when it can be imported (it is never a dependency of minipeft or its tests).
 Before timing, each workload checks that the contenders agree: the same loss (to 1e-5) and the same tokens.
 Every timed call runs `repeats` times, contenders interleaved (the order rotates), after one warm-up; the
 median is reported, and the ratio ours / peer (time: below 1 means ours is faster).
+
+--qlora-memory runs tools/bench_qlora.py: QLoRA's 4-bit base against fp32 and fp16 bases (bytes, resident
+sets, step times).
 """
 
 import argparse
@@ -155,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of each row labelled -100 (LoRA step)")
     parser.add_argument("--skip", choices=["full", "lora", "decode"], action="append", default=[])
     parser.add_argument("--write", type=Path, default=None, help="put the table into this markdown file")
+    parser.add_argument("--qlora-memory", action="store_true",
+                        help="measure QLoRA's 4-bit base instead (tools/bench_qlora.py; takes --threads, --repeats, "
+                             "--write)")
     return parser
 
 
@@ -162,6 +169,10 @@ def main(argv=None) -> dict:
     """Run the workloads; -> {workload: ratios} (the table is printed, and written with --write)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.qlora_memory:
+        import bench_qlora
+        return bench_qlora.main(["--threads", str(args.threads), "--repeats", str(args.repeats)]
+                                + (["--write", str(args.write)] if args.write else []))
     if args.prompt_len > args.seq:
         parser.error(f"argument --prompt-len: the prompt is cut from a --seq {args.seq} row; expected at most "
                      f"{args.seq}, got {args.prompt_len}")

@@ -8,6 +8,7 @@ The files, bottom up (each imports only those above it):
     replace.py         replace a sub-module by name; collect what the method modules declare they train
     lora.py, soft_prompt.py, prefix.py, adapter.py, llama_adapter.py, dora.py, ia3.py
                        one method each: its modules + install() (LoRA's rsLoRA, PiSSA, LoRA+ are LoRAConfig options)
+    qlora.py           LoRA on a base stored in 4-bit NormalFloat (minipeft/quant)
     learning_rates.py  the built-in methods' tuned default learning rates and sweep grid
     registry.py        the table of methods (PeftMethod): what apply_peft, save/load, the CLI and the tools read
     peft_model.py      PeftModel: the calling contract, virtual tokens, the trainable-parameter report
@@ -20,7 +21,7 @@ The files, bottom up (each imports only those above it):
 from .adapter import BottleneckAdapter, LinearWithAdapter
 from .api import apply_peft, merge_lora, peft_configs
 from .config import (EXTRA_TRAINABLE_MODULES, AdapterConfig, DoRAConfig, FullConfig, IA3Config, LlamaAdapterConfig,
-                     LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig)
+                     LoRAConfig, PeftConfigError, PrefixConfig, PromptConfig, QLoRAConfig)
 from .dora import DoRALinear
 from .hf_export import export_adapter_to_hf_peft, export_lora_to_hf_peft
 from .hf_import import load_hf_peft_adapter
@@ -29,6 +30,7 @@ from .llama_adapter import GatedAdapterPrompt
 from .lora import LoRALinear
 from .peft_model import PeftModel, TrainableReport
 from .prefix import PrefixKV
+from .qlora import QLoRALinear
 from .registry import (METHODS, Flag, LearningRates, PeftMethod, closed_form_trainable, default_learning_rate,
                        get_method, register, unregister)
 from .save_load import load_adapter, save_adapter
@@ -43,7 +45,7 @@ __all__ = [
     "DoRAConfig", "IA3Config",
     "EXTRA_TRAINABLE_MODULES", "PeftConfigError", "PeftModel", "TrainableReport", "apply_peft", "save_adapter",
     "load_adapter", "merge_lora", "export_lora_to_hf_peft",
-    "export_adapter_to_hf_peft", "load_hf_peft_adapter",
+    "export_adapter_to_hf_peft", "load_hf_peft_adapter", "QLoRAConfig", "QLoRALinear",
     "LoRALinear", "DoRALinear", "IA3Linear", "BottleneckAdapter", "LinearWithAdapter", "SoftPrompt", "PrefixKV",
     "GatedAdapterPrompt",
 ]
