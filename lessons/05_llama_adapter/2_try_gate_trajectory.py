@@ -2,7 +2,7 @@
 (适配提示) must start random.
 
 Train LLaMA-Adapter (K = 10 on all 4 layers, tanh gate) on the shipped tiny model for 25 steps at the
-rate lesson 08 chose (0.27) and record tanh(g) of every layer after every step. Then the same run with
+rate lesson 10 chose (0.27) and record tanh(g) of every layer after every step. Then the same run with
 the gates started at random, and one with the prompt started at zero.
 
     PYTHONPATH=. python lessons/05_llama_adapter/2_try_gate_trajectory.py

@@ -46,7 +46,7 @@ check_true(f"held-out loss falls as r grows, r = {RANKS}", " > ".join(f"{x:.3f}"
            "strictly decreasing", falling)
 README = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
 check_quoted("the README's rank sweep", README, "held-out loss keeps falling with r ({}, {}, {} for r = 1, 4, 16)", losses, 0.005)
-print("Here every extra rank helps: the tiny base must learn new skills (lesson 08), so ΔW is not as")
+print("Here every extra rank helps: the tiny base must learn new skills (lesson 10), so ΔW is not as")
 print("low-rank as LoRA assumes (3_try_full_ft_update_svd.py: ΔW's top-8 share is well below 1). The LoRA")
 print("paper found r = 1..8 about equal on wq, wv of GPT-3, a base that only needed steering.")
 print("all checks passed")

@@ -1,10 +1,10 @@
-"""Lesson 10: the data and the training loop (数据与训练循环), each piece checked against a hand computation.
+"""Lesson 08: the data and the training loop (数据与训练循环), each piece checked against a hand computation.
 
 The Alpaca template, response-only labels (-100), the next-token shift, padding, AdamW, warm-up +
 cosine, gradient clipping, gradient accumulation (梯度累加), and the reference's effective batch
 8 x 4 x 4 = 128.
 
-    PYTHONPATH=. python lessons/10_data_and_training/1_data_and_loop.py
+    PYTHONPATH=. python lessons/08_data_and_training/1_data_and_loop.py
 """
 
 import math

@@ -1,7 +1,7 @@
-"""Lesson 08: check the tables that tools/compare_methods.py --bases wrote into lessons/08_comparison/.
+"""Lesson 10: check the tables that tools/compare_methods.py --bases wrote into lessons/10_comparison/.
 
 Run from the repository root:
-    PYTHONPATH=. python lessons/08_comparison/1_check_tables.py [FOLDER]      (default: this lesson's folder)
+    PYTHONPATH=. python lessons/10_comparison/1_check_tables.py [FOLDER]      (default: this lesson's folder)
 
 1. The computed 7B tables (LLaMA-7B, Chinese-LLaMA-7B, ChatGLM-6B, BLOOM-7B1), against lesson 07's formulas
    written out here by hand: each base's parameter count Psi from its shape; trainable counts from apply_peft on
