@@ -98,7 +98,8 @@ check("lora: model states 12.61 GiB", lora_states / GiB, 12.61, 0.005)
 check("lora: the frozen 16-bit base weights, 2 psi = 12.55 GiB", frozen_16bit / GiB, 12.55, 0.005)
 check("lora: LoRA's own weights, gradients and Adam states, 16 * 4,194,304 = 0.06 GiB", (lora_states - frozen_16bit) / GiB,
       0.06, 0.005)
-check("lora: of which the Adam state, 12 * 4,194,304 = 0.05 GiB", 12 * 4_194_304 / GiB, 0.05, 0.005)
+check_equal("lora: the optimizer state is 12 bytes per trainable parameter", rows["lora"][1]["optimizer"], 12 * 4_194_304)
+check("lora: of which the Adam state, 0.05 GiB", rows["lora"][1]["optimizer"] / GiB, 0.05, 0.005)
 check("lora: 0.062% of the parameters are trainable", rows["lora"][0].percent, 0.062, 0.0005)
 frozen_share = {name: 2 * psi / rows[name][1]["total"] for name in rows if name != "full"}
 for name in ("lora", "prompt", "prefix", "llama_adapter"):
@@ -109,7 +110,7 @@ check("prefix+mlp: the frozen 16-bit base weights, 86.0% of the states (the MLP 
       frozen_share["prefix+mlp"], 0.860, 0.0005)
 for folder, phrase, values in (
         ("07_memory_and_zero", "over 99 % for LoRA, prompt, prefix and LLaMA-Adapter (LoRA's Adam state is {} GiB), {} % "
-         "for adapters (适配器), {} % for prefix tuning", [12 * 4_194_304 / GiB, 100 * frozen_share["adapter"],
+         "for adapters (适配器), {} % for prefix tuning", [rows["lora"][1]["optimizer"] / GiB, 100 * frozen_share["adapter"],
                                                            100 * frozen_share["prefix+mlp"]]),
         ("06_lora", "the 7B model's training state is {} GiB. Of that, {} GiB are the frozen 16-bit base weights",
          [lora_states / GiB, frozen_16bit / GiB]),
