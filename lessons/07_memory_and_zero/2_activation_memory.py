@@ -72,6 +72,9 @@ measured_frozen = saved_bytes(lambda: block(hidden, rotation, None), block.param
 formula_frozen = block_activation_bytes_per_token(cfg, trainable_weights=False) + rope_table_bytes_per_token(cfg)
 print(f"   measured {measured_frozen:.0f} bytes per token, formula {formula_frozen}")
 check("measured / formula within 10%", measured_frozen / formula_frozen, 1.0, 0.10)
+check_quoted("the README's measured and formula bytes, trainable and frozen block", README,
+             "measured {} bytes per token, formula {}; frozen {} vs {}", [measured, formula, measured_frozen,
+                                                                          formula_frozen], 0.5)
 for p in block.parameters():
     p.requires_grad_(True)
 
