@@ -213,6 +213,13 @@ mean_chars = {b: sum(runs[b][m]["answer_chars_mean"] for m in peft_methods) / le
 check_quoted("S5: mean answer length over the five PEFT methods, per base", readme,
              "averaged over the five PEFT methods: ChatGLM {}, the LLaMA {}, Chinese LLaMA {}, BLOOM {}",
              [mean_chars[b] for b in ("chatglm", "llama", "chinese-llama", "bloom")], 0.05)
+long_run = json.loads((HERE / "long_12_epochs" / "results.json").read_text(encoding="utf-8"))["results"]
+check_quoted("S1: the 12-epoch train/val gaps, LoRA and full", readme,
+             "LoRA's train/val gap is {} against full fine-tuning's {}", [long_run["lora"]["train_val_gap"],
+                                                                          long_run["full"]["train_val_gap"]], 0.005)
+check_quoted("S3: full fine-tuning after 12 epochs, lowest and last validation loss", readme,
+             "flat from epoch 9 (lowest {}, {} at the end)", [long_run["full"]["best_val_loss"],
+                                                             long_run["full"]["final_val_loss"]], 0.0005)
 savings = [1 - row["per_gpu_bytes"] / table["rows"]["full"]["per_gpu_bytes"]
            for table in results["tables_7b"].values() for m, row in table["rows"].items() if m != "full"]
 check_quoted("table 2: PEFT's per-GPU saving, smallest and largest (%)", readme, "PEFT saves only {}-{} % per GPU",
