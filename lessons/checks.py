@@ -4,12 +4,18 @@
     check_equal(name, got, expected)  exact equality (counts, shapes, lists)
     check_true(name, got, expected, ok)  a measured value against a stated expectation (e.g. "< 0.5"):
                                        ok is the bool the script computed from got
+    check_quoted(name, text, phrase, values, tol)  numbers a README quotes from this script: the README
+                                       must contain `phrase` (each number written {}), and the numbers it
+                                       shows there must equal the measured `values` within tol, so a README
+                                       cannot drift from the run it reports
 
 Every line shows the value itself, so a reader sees "got 0.7731, expected > 0" rather than only "[ok]".
 A lesson script imports them with
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/
     from checks import check, check_equal, check_true
 """
+
+import re
 
 import torch
 
@@ -57,3 +63,19 @@ def check_true(name, got, expected: str, ok: bool):
     shown = f"{got:.4g}" if isinstance(got, float) else _shown(got)
     print(f"  [{'ok' if ok else 'FAIL'}] {name}: got {shown}, expected {expected}")
     assert ok, f"{name}: got {shown}, expected {expected}"
+
+
+def check_quoted(name, text, phrase, values, tol):
+    """The numbers `text` (a README) shows where it says `phrase`, against the measured `values`.
+
+    `phrase` is a piece of the README with every quoted number written as {}; any run of spaces in it also
+    matches a line break. tol: half the last digit shown (0.005 for two decimals) for a deterministic run,
+    or the run-to-run spread the script states for one that is not."""
+    pattern = re.escape(phrase).replace(r"\{\}", r"([-−+]?[0-9][0-9,]*(?:\.[0-9]+)?)")
+    pattern = re.sub(r"(\\ )+", r"\\s+", pattern)
+    match = re.search(pattern, text)
+    print(f"  [{'ok' if match else 'FAIL'}] {name}: the README says {phrase!r}")
+    assert match, f"{name}: the README no longer says {phrase!r} (rerun the script and update the README)"
+    quoted = [float(g.replace(",", "").replace("−", "-")) for g in match.groups()]
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    check(f"{name}: the numbers it quotes == measured", quoted, values, tol)

@@ -6,7 +6,7 @@
     val_loss(model, examples)                           mean loss over the response tokens
     per_task_accuracy(model, tokenizer, records)        {instruction: share of exact answers} (greedy)
 
-The loop is the plain one of lesson 10 without its schedule (few steps, so a constant rate): forward,
+The loop is the plain one of lesson 08 without its schedule (few steps, so a constant rate): forward,
 next-token loss on the response tokens, backward, clip at 1.0, step. Everything is seeded, so a run
 repeats exactly on one machine.
 """

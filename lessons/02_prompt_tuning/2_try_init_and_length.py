@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/
-from checks import check_equal, check_true  # noqa: E402
+from checks import check_equal, check_quoted, check_true  # noqa: E402
 from tiny_training import demo_examples, load_tiny, train_steps, val_loss  # noqa: E402
 
 from minipeft.peft import PromptConfig, SoftPrompt, apply_peft
@@ -66,4 +66,18 @@ best_20 = min(results[20, init][1] for init in INITS)
 best_5 = min(results[5, init][1] for init in INITS)
 check_true("a longer prompt trains further: best P = 20 loss", best_20, f"< best P = 5 loss {best_5:.3f}",
            best_20 < best_5)
+ends = {key: end for key, (_, end) in results.items()}
+for length in LENGTHS:
+    best = min(INITS, key=lambda init: ends[length, init])
+    check_equal(f"P = {length}: the best init", best, "text")
+spread = max(max(ends[length, i] for i in INITS) - min(ends[length, i] for i in INITS) for length in LENGTHS)
+check_true("the initialisations differ by less than 0.5 at either length", spread, "< 0.5", spread < 0.5)
+README = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+check_quoted("the README's best losses", README, "P = 20 beats P = 5 (best {} vs {})", [best_20, best_5], 0.005)
+check_quoted("the README's random vs vocab at P = 20", README, "random beats vocab at P = 20 ({} vs {}) though not at",
+             [ends[20, "random"], ends[20, "vocab"]], 0.005)
+check_quoted("... and in section 4", README, "but random beats vocab at P = 20 ({} vs {} after 15 steps)",
+             [ends[20, "random"], ends[20, "vocab"]], 0.005)
+check_true("... and not at P = 5", f"{ends[5, 'random']:.3f} vs {ends[5, 'vocab']:.3f}", "random > vocab",
+           ends[5, "random"] > ends[5, "vocab"])
 print("all checks passed")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/
-from checks import check, check_equal, check_true  # noqa: E402
+from checks import check, check_equal, check_quoted, check_true  # noqa: E402
 from tiny_training import demo_examples, load_tiny, train_steps, val_loss  # noqa: E402
 
 from minipeft.peft import PrefixConfig, PrefixKV, apply_peft
@@ -59,6 +59,9 @@ check_true(f"at the MLP's best rate ({mlp_lr:g}) the direct prefix is far behind
 check_true("the direct prefix's best rate / the MLP's", direct_lr / mlp_lr, ">= 10", direct_lr / mlp_lr >= 10)
 check_true("each at its own best rate they are close: |direct - MLP|", abs(direct_loss - mlp_loss), "< 1.0",
            abs(direct_loss - mlp_loss) < 1.0)
+check_quoted("the README's three losses", (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8"),
+             "the direct prefix barely moves ({} vs the MLP's {}); the direct prefix needs a rate ~30× larger ({}), and "
+             "with it is about as good ({})", [at_mlp_rate, mlp_loss, direct_lr, direct_loss], 0.005)
 print("So at one shared rate the MLP wins clearly (Li & Liang report the direct prefix trains worse); the direct")
 print("prefix needs a ~30x larger rate, and with it is about as good after 30 steps here. The MLP moves all layers'")
 print("keys and values through shared weights, so one step of a given rate moves the prefix much more.")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check, check_equal, check_true  # noqa: E402
+from checks import check, check_equal, check_quoted, check_true  # noqa: E402
 
 
 def gelu_float64(z: torch.Tensor) -> torch.Tensor:
@@ -80,6 +80,8 @@ check("  W_down = 0: dL/dW_up == (sum_t G_t) GELU(b_down)^T (rank 1, not zero)",
       torch.outer(G.sum(0), a_const), 1e-5)
 norm_up = zero_down.up.weight.grad.norm().item()
 check_true("  |dL/dW_up| (Frobenius norm): W_up moves at step one", norm_up, "> 0", norm_up > 0)
+check_quoted("  the README's |dL/dW_up|", (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8"),
+             "measures |∂ℒ/∂W_up| = {} with W_down = 0", norm_up, 0.005)
 check("  W_down = 0: dL/dW_down == 0 at the first step (W_up = 0)", zero_down.down.weight.grad, torch.zeros(m, d), 0)
 with torch.no_grad():                                                          # one SGD step on W_up
     zero_down.up.weight -= 0.1 * zero_down.up.weight.grad

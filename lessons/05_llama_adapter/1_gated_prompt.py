@@ -14,13 +14,14 @@ import math
 import torch
 
 from minipeft.config import ModelConfig
+from minipeft.families import build_model
 from minipeft.model import Transformer, rope_cos_sin
 from minipeft.peft import GatedAdapterPrompt, LlamaAdapterConfig, apply_peft
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check, check_equal  # noqa: E402
+from checks import check, check_equal, check_quoted, check_true  # noqa: E402
 
 
 torch.manual_seed(0)
@@ -132,7 +133,7 @@ for t in range(2, 6):
 check("incremental decoding with the cache == full forward (gate != 0)", torch.cat(steps, 1), full, 5e-5)
 
 # ------------------------------------------------------------------------------------------------
-print("5. Only the top L layers get a prompt: L * (K * d + H) parameters")
+print("5. Only the top L_a layers get a prompt: L_a * (K * d + H) parameters")
 names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
 check_equal("trainable parameters (adapter_layers = 2 of 3)", names,
             [f"base.layers.{i}.attention.adapter_{what}" for i in (1, 2) for what in ("gate", "prompt")])
@@ -140,7 +141,7 @@ check_equal("count == 2 * (4 * 32 + 4)", model.report.trainable, 2 * (K * cfg.di
 with torch.device("meta"):
     model7 = apply_peft(Transformer(ModelConfig.from_name("llama-7b")), LlamaAdapterConfig(prompt_len=10,
                                                                                            adapter_layers=30))
-print(f"   LLaMA-7B, K = 10, L = 30: {model7.report}")
+print(f"   LLaMA-7B, K = 10, L_a = 30: {model7.report}")
 check_equal("30 * (10 * 4096 + 32) = 1,229,760", model7.report.trainable, 30 * (10 * 4096 + 32))
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +156,38 @@ mass = torch.exp(k_prompt @ q1 / math.sqrt(hd)).sum()
 lam = mass / (mass + torch.exp(k_real @ q1 / math.sqrt(hd)).sum())
 check("one softmax == lam * A_p + (1 - lam) * A (lesson 03's split)", one_softmax, lam * A_p + (1 - lam) * A, 1e-12)
 print(f"   one softmax with random prompt keys: lam = {lam:.3f}, |output - A| = {(one_softmax - A).norm():.3f}")
+check_quoted("the README's lambda", (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8"),
+             "({} in the script's example)", lam.item(), 0.005)
 assert (one_softmax - A).norm() > 1e-2, "one softmax over [prompt ; real] changes the output at init"
 check("separate softmax with g = 0: A + 0 * A_p == A exactly", A + 0.0 * A_p, A, 0)
+
+# ------------------------------------------------------------------------------------------------
+print("7. A zero prompt stays at zero only without key/value biases: BLOOM's fused wqkv has them")
+# With P = 0 the prompt keys and values are the biases b_k, b_v (not 0). All K keys are equal, so the softmax is
+# uniform and A_p = b_v for every query: dL/dg_h = <U_h, b_v,h> != 0, and once g moves, P gets gradient too.
+torch.manual_seed(0)
+bloom_cfg = ModelConfig(family="bloom", dim=32, n_layers=2, n_heads=4, vocab_size=50)
+bloom = build_model(bloom_cfg)
+with torch.no_grad():
+    for layer in bloom.layers:
+        layer.attention.wqkv.bias.normal_()                              # a pretrained layer's biases are not zero
+bloom_model = apply_peft(bloom, LlamaAdapterConfig(prompt_len=K, adapter_layers=2))
+bloom_layers = [m for m in bloom_model.modules() if isinstance(m, GatedAdapterPrompt)]
+with torch.no_grad():
+    for layer in bloom_layers:
+        layer.adapter_prompt.zero_()
+        layer.adapter_gate.fill_(1.0)                                    # only to read A_p off the layer
+top = bloom_layers[-1]
+q_any = torch.randn(1, bloom_cfg.n_heads, 3, bloom_cfg.head_dim)
+b_v = top.wqkv.bias.detach().view(bloom_cfg.n_heads, 3, bloom_cfg.head_dim)[:, 2]      # (H, hd): per head [q, k, v]
+check("zero prompt on BLOOM: A_p == tanh(1) * b_v for every query (the prompt values are the bias)",
+      top.prompt_attention(q_any), math.tanh(1.0) * b_v[None, :, None, :].expand(1, -1, 3, -1), 1e-6)
+with torch.no_grad():
+    for layer in bloom_layers:
+        layer.adapter_gate.zero_()
+tokens = torch.randint(0, bloom_cfg.vocab_size, (2, 6))
+bloom_model(tokens).logsumexp(-1).sum().backward()
+gate_grad = max(layer.adapter_gate.grad.abs().max().item() for layer in bloom_layers)
+check_true("zero prompt and zero gate on BLOOM: largest |dL/dg|", gate_grad, "> 0 (it trains)", gate_grad > 0)
 
 print("all checks passed")

@@ -2,7 +2,7 @@
 (适配提示) must start random.
 
 Train LLaMA-Adapter (K = 10 on all 4 layers, tanh gate) on the shipped tiny model for 25 steps at the
-rate lesson 08 chose (0.27) and record tanh(g) of every layer after every step. Then the same run with
+rate lesson 10 chose (0.27) and record tanh(g) of every layer after every step. Then the same run with
 the gates started at random, and one with the prompt started at zero.
 
     PYTHONPATH=. python lessons/05_llama_adapter/2_try_gate_trajectory.py
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/
-from checks import check, check_true  # noqa: E402
+from checks import check, check_quoted, check_true  # noqa: E402
 from tiny_training import demo_examples, load_tiny, train_steps, val_loss  # noqa: E402
 
 from minipeft.peft import GatedAdapterPrompt, LlamaAdapterConfig, apply_peft
@@ -87,6 +87,12 @@ check_true("it still trains: held-out loss after the run", random_gate_loss, f"<
 print("   (one seed, one rate: a hint, not a law. The tiny base is poor at these tasks, so a disturbed start")
 print("   costs it little to lose; a 7B base that already answers well has more to lose, which the zero gate avoids)")
 
+README = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
+check_quoted("the README's gate after step 1", README, "mean |tanh(g)| is {} in every layer", trajectory[0][0], 0.005)
+check_quoted("the README's gates after step 25", README, "by step 25 the layers differ ({}, {}, {}, {})", final, 0.005)
+check_quoted("the README's random-gate start and the two end losses", README,
+             "(|Δ| = {}) and ends at {} against the zero gate's {}", [abs(start_loss - base_loss), random_gate_loss,
+                                                                  zero_gate_loss], 0.005)
 print("3. Zero prompt: nothing ever trains (so the prompt must start random)")
 # P = 0 gives k_p = v_p = 0, so A_p = softmax(0) v_p = 0: dL/dg = <U, A_p> = 0, and dL/dP carries tanh(g) = 0.
 

@@ -54,6 +54,11 @@ W0 = lora.weight.detach().double()
 reference = x @ W0.T + lora.scaling * (x @ A.T) @ B.T               # (tokens, d_out)
 check("LoRALinear(x) == x W0^T + s x A^T B^T (float64)", lora(x.float()), reference, 1e-4)
 check("... == x (W0 + Delta W)^T: one matrix", reference, x @ (W0 + delta).T, 1e-10)
+# The note writes Delta W = A x B with A (d x r), B (r x d): the row-vector form, a token row x times A then B.
+A_note, B_note = A.T, B.T                                            # (d_in, r) down, (r, d_out) up
+check_equal("the note's A is the code's A^T: (d_in, r)", tuple(A_note.shape), (d_in, rank))
+check("x A_note B_note == x (B A)^T: the note's product is the code's, transposed", lora.scaling * x @ A_note @ B_note,
+      x @ delta.T, 1e-12)
 
 # ------------------------------------------------------------------------------------------------
 print("4. Init: A random (Kaiming-uniform), B = 0, so Delta W = 0 and the layer starts as W0")
@@ -65,7 +70,7 @@ assert fresh.lora_A.abs().max() <= bound and fresh.lora_A.abs().max() > 0.9 * bo
 print(f"  [ok] A ~ U(-{bound:.3f}, {bound:.3f})")
 check("LoRA layer at init == the frozen linear", fresh(x.float()), x.float() @ fresh.weight.T, 0)
 
-# Gradients of L = sum(G * y) for an upstream gradient G = dL/dy (tokens, d_out):
+# Gradients of the loss sum(G * y) for an upstream gradient G = dL/dy (tokens, d_out):
 #   dL/dB = s G^T (x A^T)        (d_out, r)     nonzero
 #   dL/dA = s B^T G^T x          (r, d_in)      zero while B = 0
 G = torch.randn(5, d_out, dtype=torch.float64)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check, check_equal  # noqa: E402
+from checks import check, check_equal, check_quoted  # noqa: E402
 
 
 torch.manual_seed(0)
@@ -79,7 +79,12 @@ with torch.device("meta"):
 print(f"   {model7.report}")
 check_equal("32 layers * 2 matrices * 8 * (4096 + 4096)", 32 * 2 * 8 * (4096 + 4096), 4_194_304)
 check_equal("apply_peft trainable", model7.report.trainable, 4_194_304)
-check("4,194,304 / 6,738,415,616 = 0.062% of the base", 100 * 4_194_304 / 6_738_415_616, 0.0622, 1e-4)
+base7 = model7.report.total - model7.report.trainable                 # the base's own parameters
+check_equal("the base's parameters (report total - trainable)", base7, 6_738_415_616)
+check("trainable / the base's parameters: 0.0622 %", 100 * model7.report.trainable / base7, 0.0622, 5e-5)
+check("trainable / (base + LoRA), as the report prints: 0.0622 %", model7.report.percent, 0.0622, 5e-5)
+check_quoted("the README's two denominators", (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8"),
+             "Both give 0.062 %: {} % vs {} %", [100 * model7.report.trainable / base7, model7.report.percent], 5e-6)
 all_targets = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 with torch.device("meta"):
     model7_all = apply_peft(Transformer(cfg7), LoRAConfig(rank=8, alpha=16, targets=all_targets))

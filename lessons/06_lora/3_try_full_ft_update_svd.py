@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/
-from checks import check, check_true  # noqa: E402
+from checks import check, check_quoted, check_true  # noqa: E402
 from tiny_training import demo_examples, load_tiny, train_steps  # noqa: E402
 
 from minipeft.peft import FullConfig, apply_peft
@@ -39,6 +39,7 @@ print(f"full fine-tuning, {STEPS} AdamW steps at lr {LR}: loss {losses[0]:.3f} -
 after = dict(base.named_parameters())             # apply_peft trained the base's own Parameters in place
 
 torch.manual_seed(0)
+shares = {"delta": [], "random": [], "w0": []}
 for name in MATRICES:
     delta = after[name].detach().double() - before[name]                     # (d_out, d_in)
     print(f"{name} {tuple(delta.shape)}")
@@ -47,6 +48,8 @@ for name in MATRICES:
           1e-9 * (delta ** 2).sum().item())
     share_delta, share_w0 = top_share(delta, TOP), top_share(before[name], TOP)
     share_random = top_share(torch.randn_like(delta), TOP)
+    for key, value in (("delta", share_delta), ("random", share_random), ("w0", share_w0)):
+        shares[key].append(100 * value)
     print(f"    top-{TOP} share of the norm: ΔW {share_delta:.3f}, W0 {share_w0:.3f}, random {share_random:.3f}")
     check_true(f"  ΔW's top-{TOP} share is over twice a random matrix's ({share_random:.3f})", share_delta,
                f"> {2 * share_random:.3f}", share_delta > 2 * share_random)
@@ -55,4 +58,7 @@ for name in MATRICES:
     check_true(f"  but not exactly rank {TOP}: the rest of the norm is not zero", 1 - share_delta, "> 0.05",
                1 - share_delta > 0.05)
 
+check_quoted("the README's shares (%): ΔW, random, W0 for wq, wv, w2", (Path(__file__).resolve().parent /
+             "README.md").read_text(encoding="utf-8"), "hold {} % (wq), {} % (wv), {} % (w2) of ||ΔW||², against {} %, "
+             "{} %, {} % for a random matrix and {} %, {} %, {} % for W0", shares["delta"] + shares["random"] + shares["w0"], 0.5)
 print("all checks passed")

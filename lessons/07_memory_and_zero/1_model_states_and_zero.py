@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check, check_equal  # noqa: E402
+from checks import check, check_equal, check_quoted, check_true  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -93,14 +93,31 @@ check_equal("full: 16 * 6,738,415,616 bytes", rows["full"][1]["total"], 107_814_
 check("full fine-tuning needs 100.4 GiB of model states", rows["full"][1]["total"] / GiB, 100.41, 0.01)
 check_equal("lora: 2 * (psi + 4,194,304) + 14 * 4,194,304", rows["lora"][1]["total"],
             2 * (psi + 4_194_304) + 14 * 4_194_304)
-check("lora: 12.61 GiB, of which 12.56 GiB are the frozen 16-bit weights", rows["lora"][1]["total"] / GiB, 12.61, 0.01)
+lora_states, frozen_16bit = rows["lora"][1]["total"], 2 * psi
+check("lora: model states 12.61 GiB", lora_states / GiB, 12.61, 0.005)
+check("lora: the frozen 16-bit base weights, 2 psi = 12.55 GiB", frozen_16bit / GiB, 12.55, 0.005)
+check("lora: LoRA's own weights, gradients and Adam states, 16 * 4,194,304 = 0.06 GiB", (lora_states - frozen_16bit) / GiB,
+      0.06, 0.005)
+check_equal("lora: the optimizer state is 12 bytes per trainable parameter", rows["lora"][1]["optimizer"], 12 * 4_194_304)
+check("lora: of which the Adam state, 0.05 GiB", rows["lora"][1]["optimizer"] / GiB, 0.05, 0.005)
 check("lora: 0.062% of the parameters are trainable", rows["lora"][0].percent, 0.062, 0.0005)
+frozen_share = {name: 2 * psi / rows[name][1]["total"] for name in rows if name != "full"}
 for name in ("lora", "prompt", "prefix", "llama_adapter"):
-    check(f"{name}: the frozen 16-bit weights are > 99% of the model states",
-          min(rows[name][1]["weights"] / rows[name][1]["total"], 0.99), 0.99, 0)
-check("adapter: weights 96.6% of the states", rows["adapter"][1]["weights"] / rows["adapter"][1]["total"], 0.966, 0.001)
-check("prefix+mlp: weights 87.8% of the states (the MLP is trained)",
-      rows["prefix+mlp"][1]["weights"] / rows["prefix+mlp"][1]["total"], 0.878, 0.001)
+    check_true(f"{name}: the frozen 16-bit base weights are > 99% of the model states", f"{frozen_share[name]:.2%}",
+               "> 99%", frozen_share[name] > 0.99)
+check("adapter: the frozen 16-bit base weights, 96.1% of the states", frozen_share["adapter"], 0.961, 0.0005)
+check("prefix+mlp: the frozen 16-bit base weights, 86.0% of the states (the MLP is trained)",
+      frozen_share["prefix+mlp"], 0.860, 0.0005)
+for folder, phrase, values in (
+        ("07_memory_and_zero", "over 99 % for LoRA, prompt, prefix and LLaMA-Adapter (LoRA's Adam state is {} GiB), {} % "
+         "for adapters (适配器), {} % for prefix tuning", [rows["lora"][1]["optimizer"] / GiB, 100 * frozen_share["adapter"],
+                                                           100 * frozen_share["prefix+mlp"]]),
+        ("06_lora", "the 7B model's training state is {} GiB. Of that, {} GiB are the frozen 16-bit base weights",
+         [lora_states / GiB, frozen_16bit / GiB]),
+        ("06_lora", "(16-bit weight and gradient, fp32 master copy, Adam's m and v): {} GiB",
+         (lora_states - frozen_16bit) / GiB)):
+    readme = (Path(__file__).resolve().parents[1] / folder / "README.md").read_text(encoding="utf-8")
+    check_quoted(f"{folder}/README.md", readme, phrase, values, 0.05 if "%" in phrase else 0.005)
 
 # ================================================================================================
 # 3. ZeRO on 8 GPUs: full fine-tuning of 7B

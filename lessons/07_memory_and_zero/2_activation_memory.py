@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check  # noqa: E402
+from checks import check, check_quoted  # noqa: E402
+
+README = (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8")
 
 GiB = 2 ** 30
 
@@ -70,6 +72,9 @@ measured_frozen = saved_bytes(lambda: block(hidden, rotation, None), block.param
 formula_frozen = block_activation_bytes_per_token(cfg, trainable_weights=False) + rope_table_bytes_per_token(cfg)
 print(f"   measured {measured_frozen:.0f} bytes per token, formula {formula_frozen}")
 check("measured / formula within 10%", measured_frozen / formula_frozen, 1.0, 0.10)
+check_quoted("the README's measured and formula bytes, trainable and frozen block", README,
+             "measured {} bytes per token, formula {}; frozen {} vs {}", [measured, formula, measured_frozen,
+                                                                          formula_frozen], 0.5)
 for p in block.parameters():
     p.requires_grad_(True)
 
@@ -98,13 +103,20 @@ check("per block per token: 26*4096 + 8*11008 + 4*32 + 8 = 194,696 bytes", per_t
 per_layer = 4 * 512 * per_token
 all_layers = big.n_layers * per_layer
 print(f"   one block: {per_layer / 2**20:.0f} MiB; 32 blocks: {all_layers / GiB:.2f} GiB")
-check("32 blocks of activations ~ 11.9 GiB", all_layers / GiB, 11.88, 0.01)
+check("32 blocks of activations: 11.88 GiB", all_layers / GiB, 11.88, 0.005)
 full = model_activation_bytes(big, 4, 512)
 recompute = model_activation_bytes(big, 4, 512, recompute=True)
 print(f"   whole model: {full / GiB:.2f} GiB; with recomputation {recompute / GiB:.2f} GiB "
       f"(32 block inputs {32 * 2 * 4096 * 2048 / GiB:.2f} GiB + one block being recomputed)")
 check("recomputation keeps 32 * 2d * 2048 tokens + one block", recompute,
       4 * 512 * (32 * 2 * 4096 + per_token + rope_table_bytes_per_token(big) + head_bytes_per_token(big)), 0)
+outside = (rope_table_bytes_per_token(big) + head_bytes_per_token(big)) * 4 * 512
+check_quoted("the README's split of the recomputation figure (GiB)", README,
+             "7B: 32 · 8192 · 2048 = {} GiB + {} GiB + {} GiB = {} GiB instead of {} GiB",
+             [32 * 2 * 4096 * 2048 / GiB, per_layer / GiB, outside / GiB, recompute / GiB, full / GiB], 0.005)
+check_quoted("the README's whole-model figure (GiB)", README, "32 blocks: {} GiB;  + {} GiB outside the blocks",
+             [all_layers / GiB, outside / GiB], 0.005)
+check("blocks + outside == the whole model", all_layers + outside, full, 0)
 check("recomputation saves ~ 92% of the activation memory", 1 - recompute / full, 0.92, 0.01)
 frozen = block_activation_bytes_per_token(big, trainable_weights=False)
 print(f"   a frozen block keeps {frozen:,} bytes per token, {100 * frozen / per_token:.0f}% of a trainable one")

@@ -1,6 +1,6 @@
 """Compare the PEFT methods on one base or several, with one data set, one token budget and one seed, and compute
 what each costs at the shape of a 7B base under the reference recipe. tools/compare_methods.py is its command
-line (main in cli.py); lessons/08_comparison holds its results.
+line (main in cli.py); lessons/10_comparison holds its results.
 
 Per method it reports: trainable parameters (apply_peft's count and %), final training loss (the mean step loss
 over the last 1/evals-per-epoch epoch), best and final validation loss and the epoch of the best, exact-match

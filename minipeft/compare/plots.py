@@ -32,7 +32,7 @@ def plot_curves(results: Dict[str, dict], path: Path, heading: str, axes=None) -
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
     ax_train.set_ylabel("loss (nats per response token)")
-    ax_val.legend(fontsize=8)
+    ax_val.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)   # beside, never on a curve
     if own:
         fig.suptitle(heading, fontsize=9)
         fig.tight_layout()

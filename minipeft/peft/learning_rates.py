@@ -13,7 +13,7 @@ REAL_BASE_LR = {"full": 2e-5, "lora": 3e-4, "prompt": 3e-2, "prefix": 1e-2, "ada
                 "dora": 3e-4, "ia3": 3e-3}
 
 # The shipped tiny model (minipeft/assets/tiny-llama) on the demo tasks, for the main job (tools/finetune.py
-# with no --model: 600 steps of batch 8). lessons/08_comparison's sweep chose these, except LoRA's, which was
+# with no --model: 600 steps of batch 8). lessons/10_comparison's sweep chose these, except LoRA's, which was
 # tuned on the main job itself (6e-3: validation loss 2.32 vs 2.96 at 2e-3).
 TINY_MODEL_LR = {"full": 1e-3, "lora": 6e-3, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
                  "llama_adapter": 0.27,
@@ -22,7 +22,7 @@ TINY_MODEL_LR = {"full": 1e-3, "lora": 6e-3, "prompt": 1e-1, "prefix": 3e-3, "ad
                  "dora": 6e-3, "ia3": 3e-2}
 
 # The shipped tiny model, for tools/compare_methods.py's default budget (one epoch of 400 examples): the
-# rates its own one-epoch sweep chose (lessons/08_comparison/results.json). LoRA's best rate differs from
+# rates its own one-epoch sweep chose (lessons/10_comparison/results.json). LoRA's best rate differs from
 # the main job's because the budget does: over one short epoch a larger rate wins.
 TINY_COMPARISON_LR = {"full": 1e-3, "lora": 1e-2, "prompt": 1e-1, "prefix": 3e-3, "adapter": 1e-2,
                       "llama_adapter": 0.27,

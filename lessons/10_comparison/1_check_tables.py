@@ -1,7 +1,7 @@
-"""Lesson 08: check the tables that tools/compare_methods.py --bases wrote into lessons/08_comparison/.
+"""Lesson 10: check the tables that tools/compare_methods.py --bases wrote into lessons/10_comparison/.
 
 Run from the repository root:
-    PYTHONPATH=. python lessons/08_comparison/1_check_tables.py [FOLDER]      (default: this lesson's folder)
+    PYTHONPATH=. python lessons/10_comparison/1_check_tables.py [FOLDER]      (default: this lesson's folder)
 
 1. The computed 7B tables (LLaMA-7B, Chinese-LLaMA-7B, ChatGLM-6B, BLOOM-7B1), against lesson 07's formulas
    written out here by hand: each base's parameter count Psi from its shape; trainable counts from apply_peft on
@@ -14,7 +14,9 @@ Run from the repository root:
    in results.md.
 3. The lesson README's side-by-side answers and its 150- vs 600-step table against results.json and the
    repository README.
-4. lessons/README.md's "trainable at 7B" column against the closed forms.
+4. The numbers the note's verdicts quote: the final-loss table, the CJK share of the answers to the Chinese
+   records, the mean answer lengths (S5), the per-GPU savings and the recomputation split of table 2.
+5. lessons/README.md's "trainable at 7B" column against the closed forms.
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ from minipeft.peft import PEFT_CONFIGS, AdapterConfig, FullConfig, LlamaAdapterC
 from minipeft.peft import apply_peft, closed_form_trainable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/, for checks.py
-from checks import check, check_equal, check_true  # noqa: E402
+from checks import check, check_equal, check_quoted, check_true  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FOLDER = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
@@ -177,7 +179,65 @@ for line in memory_table.splitlines():
 check_equal("the README's 7B memory table (per GPU / CPU, GiB) == results.json's tables_7b", shown_cells, computed_cells)
 
 # ================================================================================================
-print("4. lessons/README.md's 'trainable at 7B' column == closed_form_trainable")
+print("4. The numbers the note's verdicts quote")
+order = ("full", "lora", "llama_adapter", "prompt", "prefix", "adapter")
+runs = {label: run["results"] for label, run in results["bases"].items()}
+loss_table = readme.split("the numbers the verdicts use:")[1].split("\n\n")[1]
+shown_losses = [[float(x) for x in line.strip("| ").split(" | ")[1:]] for line in loss_table.splitlines()[2:]]
+check("the verdicts' final-loss table == results.json (3 decimals)", shown_losses,
+      [[round(runs[b][m]["final_val_loss"], 3) for m in order] for b in runs], 0)
+
+
+def is_cjk(c):
+    return "\u4e00" <= c <= "\u9fff"
+
+
+def cjk_share(texts):         # Chinese characters / non-space characters
+    chars = [c for t in texts for c in t if not c.isspace()]
+    return sum(map(is_cjk, chars)) / len(chars)
+
+
+chinese = [i for i, r in enumerate(records) if any(map(is_cjk, r["output"]))]
+check_equal("held-out records whose expected answer is Chinese", len(chinese), 70)
+check_quoted("CJK share of the expected answers", readme, "(expected answers: {})", cjk_share(
+    [records[i]["output"] for i in chinese]), 0.005)
+cjk_table = readme.split("| llama: CJK share / broken |")[1].split("\n\n")[0]
+shown_cjk = [[tuple(float(v.strip(" %")) for v in c.split(" / ")) for c in line.strip("| ").split(" | ")[-6:]]
+             for line in ("|" + cjk_table).splitlines()]
+computed_cjk = [[(round(cjk_share([runs[b][m]["generations"][i] for i in chinese]), 2),
+                  round(100 * sum("\ufffd" in runs[b][m]["generations"][i] for i in chinese) / len(chinese)))
+                 for m in order] for b in runs]
+check("CJK share / broken answers table == results.json's generations", shown_cjk, computed_cjk, 0)
+peft_methods = [m for m in order if m != "full"]
+mean_chars = {b: sum(runs[b][m]["answer_chars_mean"] for m in peft_methods) / len(peft_methods) for b in runs}
+check_quoted("S5: mean answer length over the five PEFT methods, per base", readme,
+             "averaged over the five PEFT methods: ChatGLM {}, the LLaMA {}, Chinese LLaMA {}, BLOOM {}",
+             [mean_chars[b] for b in ("chatglm", "llama", "chinese-llama", "bloom")], 0.05)
+long_run = json.loads((HERE / "long_12_epochs" / "results.json").read_text(encoding="utf-8"))["results"]
+check_quoted("S1: the 12-epoch train/val gaps, LoRA and full", readme,
+             "LoRA's train/val gap is {} against full fine-tuning's {}", [long_run["lora"]["train_val_gap"],
+                                                                          long_run["full"]["train_val_gap"]], 0.005)
+check_quoted("S3: full fine-tuning after 12 epochs, lowest and last validation loss", readme,
+             "flat from epoch 9 (lowest {}, {} at the end)", [long_run["full"]["best_val_loss"],
+                                                             long_run["full"]["final_val_loss"]], 0.0005)
+savings = [1 - row["per_gpu_bytes"] / table["rows"]["full"]["per_gpu_bytes"]
+           for table in results["tables_7b"].values() for m, row in table["rows"].items() if m != "full"]
+check_quoted("table 2: PEFT's per-GPU saving, smallest and largest (%)", readme, "PEFT saves only {}-{} % per GPU",
+             [100 * min(savings), 100 * max(savings)], 0.05)
+full_rows = {name: table["rows"]["full"] for name, table in results["tables_7b"].items()}
+recompute = [full_rows[n]["per_gpu_bytes_recompute"] / GiB for n in ("llama-7b", "bloom-7b1")]
+share = [(full_rows[n]["gather_buffer_bytes"] + full_rows[n]["logits_bytes"]) / full_rows[n]["per_gpu_bytes_recompute"]
+         for n in ("llama-7b", "bloom-7b1")]
+check_quoted("table 2: full fine-tuning with recomputation, LLaMA-7B and BLOOM (GiB)", readme,
+             "Recomputation brings full fine-tuning down to {}-{} GiB", recompute, 0.005)
+check_quoted("table 2: gather buffer + logits share of it, LLaMA-7B and BLOOM (%)", readme,
+             "are {} % on LLaMA-7B and {} % on BLOOM", [100 * x for x in share], 0.5)
+bloom = full_rows["bloom-7b1"]
+check_quoted("table 2: BLOOM's buffer + logits of its total (GiB)", readme, "({} + {} of its {} GiB",
+             [bloom["gather_buffer_bytes"] / GiB, bloom["logits_bytes"] / GiB, bloom["per_gpu_bytes_recompute"] / GiB], 0.005)
+
+# ================================================================================================
+print("5. lessons/README.md's 'trainable at 7B' column == closed_form_trainable")
 cfg = ModelConfig.from_name("llama-7b")
 index = (ROOT / "lessons" / "README.md").read_text(encoding="utf-8")
 rows_7b = {"full fine-tuning": FullConfig(), "LoRA r = 8": LoRAConfig(rank=8, targets=("wq", "wv")),

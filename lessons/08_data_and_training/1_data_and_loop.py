@@ -1,10 +1,10 @@
-"""Lesson 10: the data and the training loop (数据与训练循环), each piece checked against a hand computation.
+"""Lesson 08: the data and the training loop (数据与训练循环), each piece checked against a hand computation.
 
 The Alpaca template, response-only labels (-100), the next-token shift, padding, AdamW, warm-up +
 cosine, gradient clipping, gradient accumulation (梯度累加), and the reference's effective batch
 8 x 4 x 4 = 128.
 
-    PYTHONPATH=. python lessons/10_data_and_training/1_data_and_loop.py
+    PYTHONPATH=. python lessons/08_data_and_training/1_data_and_loop.py
 """
 
 import math
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # lessons/
-from checks import check, check_equal, check_true  # noqa: E402
+from checks import check, check_equal, check_true, check_quoted  # noqa: E402
 
 import minipeft
 from minipeft.config import ModelConfig
@@ -41,6 +41,8 @@ response_ids = tokenizer.encode("TRAIN", bos=False) + [tokenizer.eos_id]
 check_equal("input_ids == [BOS] + prompt + response + [EOS]", example.input_ids, prompt_ids + response_ids)
 check_equal("labels == [-100] * len(prompt) + response + [EOS]", example.labels, [-100] * len(prompt_ids) + response_ids)
 print(f"   {len(prompt_ids)} prompt tokens carry no loss, {len(response_ids)} response tokens do")
+check_quoted("the README's token counts", (Path(__file__).resolve().parent / "README.md").read_text(encoding="utf-8"),
+             "(The script: {} prompt tokens without loss, {} response tokens with it", [len(prompt_ids), len(response_ids)], 0)
 
 print("3. The next-token shift: position t is scored on the token at t + 1")
 torch.manual_seed(0)
