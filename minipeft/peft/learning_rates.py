@@ -19,7 +19,7 @@ TINY_MODEL_LR = {"full": 1e-3, "lora": 6e-3, "prompt": 1e-1, "prefix": 3e-3, "ad
                  "llama_adapter": 0.27,
                  # provisional (not swept over 600 steps): DoRA at LoRA's rate; (IA)^3 from a 30-step sweep on
                  # 96 demo examples (held-out loss 8.98 before; 7.26 / 5.43 / 4.04 / 3.92 at 1e-2 / 3e-2 / 1e-1 /
-                 # 3e-1), the lower of the two best rates, as LLaMA-Adapter's gates, vectors near 1, want
+                 # 3e-1): the lower of the two best (scale vectors near 1 take large rates, as LLaMA-Adapter's gates do)
                  "dora": 6e-3, "ia3": 1e-1}
 
 # The shipped tiny model, for tools/compare_methods.py's default budget (one epoch of 400 examples): the
