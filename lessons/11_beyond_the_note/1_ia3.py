@@ -71,6 +71,7 @@ before = val_loss(tiny, heldout)
 results = {}
 for name, config, lr in (("ia3", IA3Config(), LR_IA3), ("lora", LoRAConfig(), LR_LORA)):
     model, _ = load_tiny()
+    torch.manual_seed(0)                                                   # the same A init in every run
     model = apply_peft(model, config)
     train_steps(model, train_examples, STEPS, lr, batch_size=4)
     results[name] = (val_loss(model, heldout), model.report.trainable)

@@ -61,6 +61,7 @@ before = val_loss(tiny, heldout)
 results = {}
 for name, config in (("dora", DoRAConfig(targets=TARGETS)), ("lora", LoRAConfig(targets=TARGETS))):
     model, _ = load_tiny()
+    torch.manual_seed(0)                                                   # the same A init in every run
     model = apply_peft(model, config)
     train_steps(model, train_examples, STEPS, LR, batch_size=4)
     results[name] = (val_loss(model, heldout), model.report.trainable)
@@ -72,6 +73,6 @@ for name in results:
     check_true(f"{name}'s held-out loss falls", results[name][0], f"< {before:.3f}", results[name][0] < before)
 check_true("over these 10 steps DoRA ends lower than LoRA", results["dora"][0], f"< LoRA's {results['lora'][0]:.3f}",
            results["dora"][0] < results["lora"][0])
-check("DoRA's held-out loss, as README says", results["dora"][0], 5.887, 0.01)
+check("DoRA's held-out loss, as README says", results["dora"][0], 6.048, 0.01)
 check("LoRA's held-out loss, as README says (section 1's run)", results["lora"][0], 6.314, 0.01)
 print("all checks passed")
