@@ -8,7 +8,8 @@
                           subclasses, whose messages already name the file, key, flag or field
                           -> "generate.py: error: <the message on one line>", exit status 2
     an OSError            a missing file, a full disk, a folder without permission
-                          -> "generate.py: error: <path>: <what the system said>", exit status 2
+                          -> "generate.py: error: <path>: <what the system said>", exit status 2 (the package's
+                          own FileExistsError, "<path>: output folder already exists; ...", as it is)
     KeyboardInterrupt     -> "generate.py: interrupted", exit status 130 (the shell's 128 + SIGINT)
 
 Anything else (a RuntimeError, a library's own ValueError, an AssertionError) is a bug to fix where it starts,
@@ -28,12 +29,16 @@ def is_project_error(err: BaseException) -> bool:
 
 
 def one_line(err: BaseException) -> str:
-    """The error as one line: a project error's message with its whitespace folded; an OSError as path: reason."""
+    """The error as one line: a project error's message with its whitespace folded; an OSError as path: reason
+    (one raised with a message only: the message); anything else as its type and its first three lines (a
+    DeepSpeed config's pydantic error: the model, the key, the problem)."""
     if isinstance(err, OSError) and err.strerror:
         where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "") if err.filename else ""
         return f"{where}: {err.strerror}" if where else err.strerror
-    text = " ".join(str(err).split())
-    return text if is_project_error(err) else f"{type(err).__name__}: {text}"
+    if is_project_error(err) or isinstance(err, OSError):
+        return " ".join(str(err).split())
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()][:3]
+    return f"{type(err).__name__}: {': '.join(lines)}"
 
 
 def run_main(main: Callable, prog: str, argv: Optional[Sequence[str]] = None) -> int:

@@ -24,7 +24,6 @@ held-out question appears in the training set. The same seed gives byte-identica
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -173,16 +172,16 @@ def generate(seed: int, train_size: int, heldout_size: int):
 
 
 def write_json(path: Path, records) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
-def write_demo_data(out: Path, seed: int = 0, train_size: int = 1600, heldout_size: int = 160):
-    """generate() into out/train.json and out/heldout.json; -> (training records, held-out records)."""
+def write_demo_data(out: Path, seed: int = 0, train_size: int = 1600, heldout_size: int = 160,
+                    overwrite: bool = False):
+    """generate() into the folder out/ (train.json and heldout.json), which appears whole or not at all; an existing
+    `out` is replaced only with overwrite (--overwrite). -> (training records, held-out records)."""
+    from .fileio import atomic_folder
     train, heldout = generate(seed, train_size, heldout_size)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train.json", train)
-    write_json(out / "heldout.json", heldout)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        write_json(tmp / "train.json", train)
+        write_json(tmp / "heldout.json", heldout)
     return train, heldout

@@ -46,7 +46,8 @@ from typing import Dict, Iterable, List, Union
 import torch
 import torch.nn as nn
 
-from .fileio import refuse_existing, refuse_inputs_inside, write_atomic
+from .fileio import write_atomic
+from .reservation import refuse_existing, refuse_inputs_inside
 
 PathLike = Union[str, os.PathLike]
 

@@ -40,9 +40,10 @@ def error_lines(stderr: str) -> list:
             if line.strip() and "Warning" not in line and not line.startswith("  warnings.warn")]
 
 
-def assert_refused(code: int, stderr: str, *fragments, before: dict = None, roots=()):
-    """A non-zero exit, exactly one error line containing every fragment, no traceback, files unchanged."""
-    assert code != 0, f"exit 0 for a bad input; stderr: {stderr[-800:]}"
+def assert_refused(code: int, stderr: str, *fragments, before: dict = None, roots=(), status: int = 2):
+    """Exit `status` (2: bad input, as run_main and argparse give it), exactly one error line containing every
+    fragment, no traceback, files unchanged."""
+    assert code == status, f"exit {code} (expected {status}) for a bad input; stderr: {stderr[-800:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = error_lines(stderr)
     assert len(lines) == 1, f"expected one line, got {lines}"

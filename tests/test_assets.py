@@ -256,9 +256,9 @@ def test_train_and_heldout_are_disjoint():
 
 def test_generator_is_deterministic_and_made_the_shipped_files(tmp_path):
     generator = import_generator()
-    generator.write_demo_data(tmp_path, seed=0)
+    generator.write_demo_data(tmp_path / "seed0", seed=0)
     for name in ("train.json", "heldout.json"):
-        assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
+        assert (tmp_path / "seed0" / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
     other = tmp_path / "seed1"
     generator.write_demo_data(other, seed=1)
     assert (other / "train.json").read_bytes() != (DATA_DIR / "train.json").read_bytes()

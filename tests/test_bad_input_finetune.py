@@ -122,7 +122,7 @@ def test_a_utf8_bom_is_accepted(ws, tmp_path, capsys):
 def test_non_finite_training_stops_without_an_adapter(ws, tmp_path, capsys):
     out = tmp_path / "run"
     code = tool_main("finetune").main(base_flags(ws, out, "--max-steps", "30", "--lr", "1e36", "--warmup-steps", "0"))
-    line = assert_refused(code, capsys.readouterr().err, "finetune.py: error: step ", "stopping")
+    line = assert_refused(code, capsys.readouterr().err, "finetune.py: error: step ", "stopping", status=1)
     assert "non-finite" in line or "loss is nan" in line or "loss is inf" in line
     assert not (out / "adapter").exists()
 

@@ -185,8 +185,8 @@ def test_convert_cli_prints_summary_and_casts(tmp_path, capsys):
     model = load_model(out)
     for key, tensor in hf_state_in_our_layout(hf, model.config).items():
         assert torch.equal(model.state_dict()[key], tensor.to(torch.bfloat16)), key
-    # a failure exits 1 with a message, and leaves no output
-    assert cli.main([str(tmp_path / "nothing-here"), str(tmp_path / "out2")]) == 1
+    # bad input exits 2 with a message, and leaves no output
+    assert cli.main([str(tmp_path / "nothing-here"), str(tmp_path / "out2")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "out2").exists()
 
 

@@ -238,5 +238,5 @@ def test_generate_tool_prints_what_generate_returns(tmp_path, capsys):
 def test_generate_tool_reports_a_missing_tokenizer(tmp_path, capsys):
     base = random_model(seed=4)
     save_model(base, base.config, tmp_path / "ckpt")
-    assert load_generate_tool().main([str(tmp_path / "ckpt"), "--prompt", "x"]) == 1
+    assert load_generate_tool().main([str(tmp_path / "ckpt"), "--prompt", "x"]) == 2
     assert "no tokenizer at" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The output policy of every writer (minipeft/fileio.py: reserve_output, atomic_folder, Reservation.place), as a
+"""The output policy of every writer (minipeft/reservation.py: reserve_output, Reservation.place; fileio.atomic_folder), as a
 user meets it: each data-loss case of issue 23 and its siblings is refused with a non-zero exit and one line, and
 the SHA-256 of every file it could have touched (inputs and outputs) is unchanged (bad_input_helpers.snapshot).
 
@@ -20,7 +20,8 @@ from train_helpers import MAX_SEQ_LEN, make_workspace  # noqa: E402
 
 from minipeft import compare, pretrain  # noqa: E402
 from minipeft.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
-from minipeft.fileio import RESERVED_MARK, atomic_folder, reserve_output, write_atomic  # noqa: E402
+from minipeft.fileio import atomic_folder, write_atomic  # noqa: E402
+from minipeft.reservation import RESERVED_MARK, reserve_output  # noqa: E402
 
 
 @pytest.fixture(scope="module")

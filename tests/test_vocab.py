@@ -404,4 +404,4 @@ def test_cli_trains_merges_measures_and_resizes(tokenizers, tmp_path, capsys):
     assert load_model(tmp_path / "ckpt_zh").config.vocab_size == new_size
 
     rc = cli.main(["--base-tokenizer", base, "--extra-tokenizer", str(corpus), "--out", str(tmp_path / "y.model")])
-    assert rc == 1 and "not a SentencePiece model" in capsys.readouterr().err
+    assert rc == 2 and "not a SentencePiece model" in capsys.readouterr().err

@@ -37,11 +37,13 @@ from minipeft import cli_types as T  # noqa: E402
 from minipeft.checkpoint import hf_tensor_to_ours  # noqa: E402
 from minipeft.cli_errors import run_main  # noqa: E402
 from minipeft.config import ModelConfig  # noqa: E402
+from minipeft.fileio import write_text_atomic  # noqa: E402
 from minipeft.generate import generate  # noqa: E402
 from minipeft.loss import IGNORE_INDEX, label_only_loss  # noqa: E402
 from minipeft.model import Transformer  # noqa: E402
 from minipeft.peft import LoRAConfig, apply_peft  # noqa: E402
 from minipeft.peft.hf_export import export_lora_to_hf_peft  # noqa: E402
+from minipeft.reservation import reserve_output  # noqa: E402
 
 LORA = dict(rank=8, alpha=16)
 
@@ -263,19 +265,22 @@ def agreement(losses: dict) -> str:
 
 
 def write_markdown(path: Path, header, rows, argv):
-    """Replace the text between the bench markers of `path` with this run's command and table."""
+    """Replace the text between the bench markers of `path` with this run's command and table (the rest of the
+    file is kept: --write updates a results page). The file is reserved while it is read and written, and replaced
+    in one step (a crash leaves the old page or the new one)."""
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
     extra = ":" + os.path.dirname(os.path.dirname(__import__("litgpt").__file__)) if "litgpt" in sys.modules else ""
     command = f"PYTHONPATH=.{extra} OMP_NUM_THREADS=2 .venv/bin/python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = "\n".join([begin, f"Run {stamp}:", "", "    " + command.strip(), "", "```", *header, "```", "", *rows,
                        end])
-    text = path.read_text() if path.exists() else f"# Benchmark\n\n{begin}\n{end}\n"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text + "\n" + block + "\n"
-    path.write_text(text)
+    with reserve_output(path, overwrite=True):
+        text = path.read_text(encoding="utf-8") if path.exists() else f"# Benchmark\n\n{begin}\n{end}\n"
+        if begin in text and end in text:
+            text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+        else:
+            text = text + "\n" + block + "\n"
+        write_text_atomic(path, text)
 
 
 def run(argv=None) -> int:

@@ -13,7 +13,7 @@ import sys
 
 from minipeft import cli_types as T
 from minipeft.checkpoint import DEFAULT_MAX_SHARD_SIZE, DTYPES, convert_checkpoint
-from minipeft.cli_errors import run_main
+from minipeft.cli_errors import one_line, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +35,8 @@ def main(argv=None) -> int:
         summary = convert_checkpoint(args.src, args.out, dtype=DTYPES.get(args.dtype),
                                      max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (ValueError, OSError) as e:    # CheckpointError / ConfigError: the message names the file and the problem
-        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
-        return 1
+        print(f"convert_checkpoint.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
     cfg = summary["config"]
     print(f"format detected : {summary['format']}")
     print(f"family          : {cfg.family}")

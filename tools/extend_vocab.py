@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 from minipeft import cli_types as T
-from minipeft.cli_errors import run_main
-from minipeft.fileio import refuse_existing, refuse_inputs_inside, reserve_output
+from minipeft.cli_errors import one_line, run_main
+from minipeft.reservation import refuse_existing, refuse_inputs_inside, reserve_output
 from minipeft.tokenizer import Tokenizer
 from minipeft.vocab import (VocabError, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
                             train_sentencepiece)
@@ -34,17 +34,17 @@ def read_texts(path) -> list:
     from minipeft.data import record_fields
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise VocabError(f"{path}: file not found")
     if path.suffix in (".json", ".jsonl"):
         lines = [line for fields in record_fields(path) for text in fields for line in text.splitlines()]
     else:
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
+            raise VocabError(f"{path}: not UTF-8 text (byte offset {e.start}); save it as UTF-8") from None
     lines = [line for line in lines if line.strip()]
     if not lines:
-        raise ValueError(f"{path}: no text in it")
+        raise VocabError(f"{path}: no text in it")
     return lines
 
 
@@ -76,7 +76,7 @@ def check_outputs(args) -> None:
 
 
 def reserve_outputs(args, reserved: contextlib.ExitStack) -> None:
-    """Hold --out, --save-extra and --checkpoint-out for the whole run (fileio.reserve_output)."""
+    """Hold --out, --save-extra and --checkpoint-out for the whole run (reservation.reserve_output)."""
     for path in filter(None, (args.out, args.save_extra, args.checkpoint_out)):
         reserved.enter_context(reserve_output(path, args.overwrite, error=VocabError))
 
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
             check_outputs(args)
             reserve_outputs(args, reserved)
         except (ValueError, OSError) as e:
-            print(f"extend_vocab.py: error: {e}", file=sys.stderr)
-            return 1
+            print(f"extend_vocab.py: error: {one_line(e)}", file=sys.stderr)
+            return 2
         return extend(args)
 
 
@@ -143,8 +143,8 @@ def extend(args) -> int:
             print(f"checkpoint      : vocab {summary['old_vocab_size']:,} -> {summary['new_vocab_size']:,} "
                   f"(new rows = mean of the old rows) -> {summary['out']}")
     except (ValueError, OSError) as e:   # VocabError, CheckpointError, TokenizerError: the message names the file
-        print(f"extend_vocab.py: error: {e}", file=sys.stderr)
-        return 1
+        print(f"extend_vocab.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

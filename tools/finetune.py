@@ -19,10 +19,10 @@ import os
 import sys
 import time
 
-from minipeft.cli_errors import run_main
-from minipeft.fileio import release_output
+from minipeft.cli_errors import one_line, run_main
+from minipeft.reservation import release_output
 from minipeft.plugins import PluginError, load_plugins
-from minipeft.train import TrainError, build_arg_parser, build_trainer, config_from_args, prepare_run
+from minipeft.train import RunFailed, TrainError, build_arg_parser, build_trainer, config_from_args, prepare_run
 
 build_parser = build_arg_parser        # the flags (minipeft/train/cli.py), as every tool names them
 
@@ -47,22 +47,15 @@ def main(argv=None) -> int:
         return 2
     try:
         return train_and_report(cfg, ds_config, base, tokenizer, data, args.samples, started)
-    except (ValueError, OSError, RuntimeError, AssertionError) as err:   # TrainError, PeftConfigError, DeepSpeed's
-        print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)  # config errors, a device, a non-finite loss
+    except RunFailed as err:               # the run started and could not finish: a non-finite update, a stop
+        print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)
         return 1
+    except (ValueError, OSError, RuntimeError, AssertionError) as err:   # bad input found once the model is built:
+        print(f"finetune.py: error: {one_line(err)}", file=sys.stderr)  # TrainError, PeftConfigError, DeepSpeed's
+        return 2                                                         # config errors, a device, a full disk
     finally:                               # the run folder is free again (prepare_run reserved it)
         if cfg.out:
             release_output(cfg.out)
-
-
-def one_line(err: BaseException) -> str:
-    """An error as one line: ours are (they name the flag, file or step); a library's first three lines (a
-    DeepSpeed config's pydantic error: the model, the key, the problem), with its type."""
-    text = str(err).strip()
-    if isinstance(err, ValueError) and type(err).__module__.startswith("minipeft"):
-        return " ".join(text.split())
-    lines = [line.strip() for line in text.splitlines() if line.strip()][:3]
-    return f"{type(err).__name__}: {': '.join(lines)}"
 
 
 def train_and_report(cfg, ds_config, base, tokenizer, data, samples: int, started: float) -> int:

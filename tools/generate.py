@@ -26,9 +26,9 @@ import torch
 
 from minipeft import cli_types as T
 from minipeft.checkpoint import DTYPES, check_tokenizer_family, folder_tokenizer
-from minipeft.cli_errors import run_main
+from minipeft.cli_errors import one_line, run_main
 from minipeft.families import get_family, tokenizer_for
-from minipeft.generate import check_generation, generate
+from minipeft.generate import GenerationError, check_generation, generate
 from minipeft.peft.inference import load_model_with_adapter, precision_context
 from minipeft.plugins import PluginError, add_plugin_flag, load_plugins
 
@@ -66,19 +66,19 @@ def main(argv=None) -> int:
     tokenizer_path = (Path(args.tokenizer) if args.tokenizer else
                       folder_tokenizer(Path(args.checkpoint)) or Path(args.checkpoint) / "tokenizer.model")
     if not tokenizer_path.is_file():
-        print(f"error: no tokenizer at {tokenizer_path}; pass --tokenizer PATH", file=sys.stderr)
-        return 1
+        print(f"generate.py: error: no tokenizer at {tokenizer_path}; pass --tokenizer PATH", file=sys.stderr)
+        return 2
     try:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+            raise GenerationError(f"--device {args.device}: this machine has no CUDA device")
         model = load_model_with_adapter(args.checkpoint, args.adapter, dtype=DTYPES[args.dtype], device=args.device)
         family = model.config.family
         tokenizer = tokenizer_for(family, tokenizer_path)
         check_tokenizer_family(tokenizer, family, tokenizer_path)
         if tokenizer.vocab_size > model.config.vocab_size:
-            print(f"error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary is only "
-                  f"{model.config.vocab_size}", file=sys.stderr)
-            return 1
+            print(f"generate.py: error: {tokenizer_path} has {tokenizer.vocab_size} pieces but the model's vocabulary "
+                  f"is only {model.config.vocab_size}", file=sys.stderr)
+            return 2
         texts = [get_family(family).prompt_format.render(p) if args.alpaca else p for p in args.prompt]   # family's template
         prompts = [tokenizer.encode(text, bos=True) for text in texts]
         check_generation(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
             outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, eos_id=tokenizer.eos_id, seed=args.seed, pad_id=tokenizer.pad_id)
     except (ValueError, OSError) as e:   # CheckpointError, TokenizerError, PeftConfigError, GenerationError
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 1
+        print(f"generate.py: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
     for i, (text, prompt_ids, new_ids) in enumerate(zip(texts, prompts, outputs)):
         if len(texts) > 1:

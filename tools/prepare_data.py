@@ -21,7 +21,7 @@ from pathlib import Path
 from minipeft import cli_types as T
 from minipeft.cli_errors import run_main
 from minipeft.data import AlpacaEncoder, DataError, read_records, save_tokenized, train_val_split
-from minipeft.fileio import reserve_output
+from minipeft.reservation import reserve_output
 
 
 def default_tokenizer() -> str:

@@ -22,7 +22,8 @@
 4. The extended run's adapter is saved (it holds the LoRA tensors and the full embedding and output
    matrices), reloaded onto OUT/extended-model, and must give the same validation loss.
 
-Results go to OUT/results.json.
+Results go to OUT/results.json. OUT appears whole when the run ends (an existing one is replaced only with
+--overwrite, which may not remove an input).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from minipeft import assets_dir
 from minipeft import cli_types as T
 from minipeft.cli_errors import run_main
 from minipeft.checkpoint import load_model
+from minipeft.fileio import atomic_folder
 from minipeft.data import AlpacaEncoder, collate, epoch_order, read_records, train_val_split
 from minipeft.peft import LoRAConfig, apply_peft, load_adapter, save_adapter
 from minipeft.tokenizer import Tokenizer
 from minipeft.train import batch_loss, lr_factor
-from minipeft.vocab import (has_cjk, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
+from minipeft.vocab import (VocabError, has_cjk, merge_sentencepiece_models, resize_checkpoint, tokens_per_char,
                             train_sentencepiece)
 
 
@@ -126,14 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=T.seed, default=0)
     parser.add_argument("--log-every", type=T.positive_int, default=25)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="runs/vocab_experiment")
+    parser.add_argument("--out", default="runs/vocab_experiment", help="a new folder (it appears when the run ends)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out, args.overwrite, error=VocabError, inputs=[args.model, args.data, args.sp_corpus]) as work:
+        return experiment(args, work, out)
+
+
+def experiment(args, work: Path, out: Path) -> int:
+    """The experiment, written into the temporary folder `work` that becomes `out` when it ends."""
     device = torch.device(args.device)
 
     base_tokenizer_path = Path(args.model) / "tokenizer.model"
@@ -153,8 +161,8 @@ def main(argv=None) -> int:
                 for line in text.splitlines() if line.strip()]
     if args.sp_corpus:
         sp_lines += [line for line in Path(args.sp_corpus).read_text(encoding="utf-8").splitlines() if line.strip()]
-    extra = train_sentencepiece(sp_lines, out / "zh_sp.model", args.sp_vocab_size)
-    extended_tokenizer_path = out / "extended_tokenizer.model"
+    extra = train_sentencepiece(sp_lines, work / "zh_sp.model", args.sp_vocab_size)
+    extended_tokenizer_path = work / "extended_tokenizer.model"
     stats = merge_sentencepiece_models(base_tokenizer_path, extra, extended_tokenizer_path)
     extended_tokenizer = Tokenizer(extended_tokenizer_path)
     val_texts = [t for r in val_records for t in (r.instruction, r.input, r.output) if t]
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
     tpc_after = tokens_per_char(extended_tokenizer, val_texts)
     print(f"extension: {stats['added']:,} pieces added ({stats['base_size']:,} -> {stats['new_size']:,}); "
           f"tokens/char on the validation records {tpc_before:.3f} -> {tpc_after:.3f}")
-    extended_model = out / "extended-model"
+    extended_model = work / "extended-model"
     resize_checkpoint(args.model, extended_model, extended_tokenizer_path)
 
     results = {"args": vars(args), "records": {"train": len(train_records), "val": len(val_records)},
@@ -172,8 +180,8 @@ def main(argv=None) -> int:
                                     val_records, args, device)
 
     # The adapter (LoRA + full embedding/output) saves and reloads onto the resized checkpoint.
-    save_adapter(ext_model, out / "adapter")
-    reloaded = load_adapter(load_model(extended_model, dtype=torch.float32), out / "adapter").to(device)
+    save_adapter(ext_model, work / "adapter")
+    reloaded = load_adapter(load_model(extended_model, dtype=torch.float32), work / "adapter").to(device)
     reloaded_val = loss_per_char(reloaded, ext_result["val"], val_records, extended_tokenizer.pad_id,
                                  args.batch_size, device)
     print(f"adapter reloaded from {out / 'adapter'}: validation loss/char {reloaded_val['loss_per_char']:.6f} "
@@ -182,7 +190,7 @@ def main(argv=None) -> int:
         del result["val"]
     results.update({"base_vocab": base_result, "extended_vocab": ext_result,
                     "reloaded_val_loss_per_char": reloaded_val["loss_per_char"]})
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     b, e = base_result["val_after"]["loss_per_char"], ext_result["val_after"]["loss_per_char"]
     print(f"validation loss per character after {args.steps} steps: base vocab {b:.4f}, extended vocab {e:.4f} "
           f"({(e - b) / b:+.1%})")

@@ -1,4 +1,4 @@
-"""compare_methods.py's --out under the output policy of every writer (fileio.reserve_output): the folder is this
+"""compare_methods.py's --out under the output policy of every writer (reservation.reserve_output): the folder is this
 comparison's from the start to the end (another one writing it is refused in one line); one that holds an earlier
 comparison is refused unless --resume (go on with it) or --overwrite (its results are removed first, but never
 when an input of this comparison lies among them); a base's label names a folder inside --out.
@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Type
 
-from ..fileio import Reservation, claim_output, plain_name
+from ..reservation import Reservation, claim_output, plain_name
 
 # What a comparison writes into --out (with --bases also a folder per base label, holding the same).
 COMPARE_FILES = ("results.json", "results.md", "generations.md", "loss_curves.png", "runs")

@@ -43,6 +43,11 @@ def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def is_positive_number(value) -> bool:
+    """A finite number > 0 (not a bool, not inf or nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _check_positive_int(config, field: str, allow_none: bool = False) -> None:
     value = getattr(config, field)
     if allow_none and value is None:
@@ -101,14 +106,13 @@ class LoRAConfig:
     def __post_init__(self):
         name = type(self).__name__             # DoRAConfig shares these checks
         _check_positive_int(self, "rank")
-        require(_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0,
-                f"{name}.alpha must be a positive number, got {self.alpha!r}")
+        require(is_positive_number(self.alpha), f"{name}.alpha must be a finite positive number, got {self.alpha!r}")
         require(_is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
                 f"{name}.dropout must be in [0, 1), got {self.dropout!r}")
         _check_targets(self, LORA_TARGETS)
         require(isinstance(self.rslora, bool), f"{name}.rslora must be true or false, got {self.rslora!r}")
         require(self.init in LORA_INITS, f"{name}.init must be one of {LORA_INITS}, got {self.init!r}")
-        require(_is_number(self.lora_plus_ratio) and math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0,
+        require(is_positive_number(self.lora_plus_ratio),
                 f"{name}.lora_plus_ratio must be a finite number > 0 (1: plain LoRA), got {self.lora_plus_ratio!r}")
         _check_extra_trainable(self)
 

@@ -10,12 +10,12 @@ tools/pretrain_tiny.py is its command line.
 """
 
 from .cli import build_arg_parser, main, run_command_line
-from .corpus import PretrainError
+from .corpus import PretrainError, PretrainFailed
 from .family_recipes import PRETRAIN_FAMILIES, PretrainFamily, model_config, pretrain_family, train_family_tokenizer
 from .run import pretrain
 from .samples import SampleLayout, mean_nll, total_nll
 from .tokenizer_training import TokenizerTrainingError
 
-__all__ = ["main", "run_command_line", "build_arg_parser", "pretrain", "PretrainError", "TokenizerTrainingError",
+__all__ = ["main", "run_command_line", "build_arg_parser", "pretrain", "PretrainError", "PretrainFailed", "TokenizerTrainingError",
            "PRETRAIN_FAMILIES", "PretrainFamily", "pretrain_family", "model_config", "train_family_tokenizer",
            "SampleLayout", "mean_nll", "total_nll"]

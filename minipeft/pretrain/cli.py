@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import cli_types as T
-from .corpus import PretrainError
+from .corpus import PretrainError, PretrainFailed
 from .family_recipes import PRETRAIN_FAMILIES, SHAPE_DEFAULTS
 from .run import pretrain
 
@@ -67,6 +67,6 @@ def main(argv=None) -> int:
 def run_command_line(argv=None) -> int:
     try:
         return main(argv)
-    except PretrainError as err:
+    except PretrainError as err:       # bad input: 2; a run that started and could not finish: 1
         print(f"pretrain_tiny.py: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(err, PretrainFailed) else 2

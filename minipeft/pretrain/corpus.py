@@ -14,6 +14,10 @@ class PretrainError(ValueError):
     """Bad arguments or corpus files for pretraining."""
 
 
+class PretrainFailed(PretrainError):
+    """A run that started and could not finish (a non-finite loss, a stop on request): exit 1, not bad input's 2."""
+
+
 def parse_corpus_arg(arg: str):
     """'path' or 'path:weight' -> (Path, weight or None)."""
     path, weight = arg, None

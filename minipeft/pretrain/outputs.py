@@ -1,4 +1,4 @@
-"""pretrain_tiny.py's --out and --name under the output policy of every writer (fileio.reserve_output): --out is
+"""pretrain_tiny.py's --out and --name under the output policy of every writer (reservation.reserve_output): --out is
 this run's from the first check to the end (another run writing it is refused in one line); one that holds files
 is refused unless --resume (go on) or --overwrite (its contents removed first, but never when a --corpus file,
 the --init-from folder, the --tokenizer or the --resume file lies in it); --name is a plain name of a folder
@@ -11,8 +11,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..fileio import plain_name, reserve_output
-from .corpus import PretrainError, parse_corpus_arg
+from ..reservation import plain_name, reserve_output
+from .corpus import PretrainError, PretrainFailed, parse_corpus_arg
 from .family_recipes import PRETRAIN_FAMILIES
 
 # What a run writes into --out beside the checkpoint folder --name (and each family's tokenizer file).
@@ -54,3 +54,18 @@ def reserve_pretrain_out(args):
                     entry.unlink()
         out.mkdir(parents=True, exist_ok=True)
         yield reservation
+
+
+def stop_before_training(signals, out: Path, found: set) -> None:
+    """A stop asked for (SIGTERM / Ctrl-C, train/stopping.py) before the first step, i.e. while the tokenizer was
+    trained or the corpus tokenised: what this run wrote into --out (entries not in `found`) is removed, so the
+    same command runs again as it was; PretrainError says so."""
+    if signals.reason is None:
+        return
+    for entry in set(out.iterdir()) - found:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    raise PretrainFailed(f"stopped by {signals.reason} before the first step; what this run had written in {out} "
+                        f"was removed; run the same command again")

@@ -42,8 +42,8 @@ from ..fileio import write_text_atomic
 from ..train.checkpoints import check_digests, load_plain
 from ..train.config import TrainError, check_device
 from ..train.stopping import StopSettingError, StopSignals
-from .corpus import PretrainError, first_lines, parse_corpus_arg, read_corpus_text, split_train_val
-from .outputs import reserve_pretrain_out
+from .corpus import PretrainError, PretrainFailed, first_lines, parse_corpus_arg, read_corpus_text, split_train_val
+from .outputs import reserve_pretrain_out, stop_before_training
 from .family_recipes import SHAPE_FLAGS, model_config, pretrain_family, train_family_tokenizer
 from .samples import IGNORE, SampleLayout, mean_nll, total_nll
 from .state import atomic_torch_save, input_identity
@@ -129,6 +129,8 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = args.out
+    signals.__enter__()                 # SIGTERM / Ctrl-C from here on: a stop at the next safe point
+    found = set(out.iterdir())          # what --out held before this run (reserve_pretrain_out made it)
     initial_model = None
     if args.init_from is not None:
         given = [f"--{k.replace('_', '-')}" for k in SHAPE_FLAGS if getattr(args, k) is not None]
@@ -223,6 +225,7 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
     val_text_parts = [first_lines(val_text, args.val_text_chars) for _, val_text in splits]
     val_text = "".join(part if part.endswith("\n") else part + "\n" for part in val_text_parts)
     write_text_atomic(out / "val_text.txt", val_text)
+    stop_before_training(signals, out, found)     # a stop during the tokenizer or the tokenising: nothing kept
 
     # ---- model ----
     if initial_model is not None:
@@ -288,9 +291,9 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
     t_start = time.time()
     model.train()
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc="pretrain", dynamic_ncols=True, mininterval=5)
+    bar = tqdm(total=args.steps, initial=step, desc="pretrain", dynamic_ncols=True, mininterval=5,
+               disable=None)            # None: shown on a terminal only, so a captured stderr holds errors alone
     plot_title = f"{title} pretraining ({model.num_parameters() / 1e6:.1f}M params)"
-    signals.__enter__()
     while step < args.steps:
         if args.max_minutes is not None and elapsed_before + time.time() - t_start > 60 * args.max_minutes:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
@@ -304,7 +307,7 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
         logits = model(inputs.to(device))                                                  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=IGNORE)
         if not math.isfinite(loss.item()):
-            raise PretrainError(f"step {step + 1}: the training loss is {loss.item()}; stopping (lower --lr); "
+            raise PretrainFailed(f"step {step + 1}: the training loss is {loss.item()}; stopping (lower --lr); "
                                 "nothing is saved after the last checkpoint")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,7 +316,7 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
         step += 1
         bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
         if bad is not None:
-            raise PretrainError(f"step {step}: {bad} holds non-finite values after the update; stopping (lower --lr)")
+            raise PretrainFailed(f"step {step}: {bad} holds non-finite values after the update; stopping (lower --lr)")
         history["train"].append((step, loss.item()))
         elapsed = elapsed_before + time.time() - t_start
         bar.update(1)
@@ -329,7 +332,7 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
         if signals.after_step(step):
             bar.close()
             save_state()
-            raise PretrainError(signals.message(step, args.steps, out / "train_state.pt",
+            raise PretrainFailed(signals.message(step, args.steps, out / "train_state.pt",
                                                 f"--resume {out / 'train_state.pt'}"))
     bar.close()
     save_state()
@@ -367,4 +370,7 @@ def _pretrain(args, argv, signals: StopSignals) -> int:
     print(f"done: {step} steps in {wall_s / 60:.1f} min, val loss {metrics['final_val_loss']:.3f}, "
           f"val_text perplexity {ppl:.1f} ({start_kind.replace('_', ' ')} {start['val_text_perplexity']:.1f}) "
           f"-> {model_dir}")
+    if signals.reason is not None:      # the outputs above were written whole; the run had nothing left to do
+        print(f"note: {signals.reason} arrived during the final save; the run had finished and its outputs are "
+              f"complete", file=sys.stderr)
     return 0

@@ -21,8 +21,8 @@ from ..distributed import world_info
 from ..peft import METHODS as PEFT_METHODS
 from .checkpoints import run_identity
 from .cli import build_arg_parser, config_from_args
-from .config import (BASE_DTYPES, RUN_DEFAULTS, TrainConfig, TrainError, base_dtype, check_config, is_resolved,
-                     peft_config_from, resolve_defaults)
+from .config import (BASE_DTYPES, RUN_DEFAULTS, RunFailed, TrainConfig, TrainError, base_dtype, check_config,
+                     is_resolved, peft_config_from, resolve_defaults)
 from .data_setup import RunData, load_run_data
 from .deepspeed import DeepSpeedTrainer, init_distributed_for_deepspeed, load_base_partitioned, zero3_dtype
 from .deepspeed_config import fill_deepspeed_schedule, load_deepspeed_config, resolve_deepspeed_config
@@ -34,7 +34,8 @@ from .prepare import build_trainer, prepare_run
 METHODS = tuple(PEFT_METHODS)          # the built-in methods' names, in registry order
 METHOD_DEFAULT_LR = REAL_BASE_LR       # the old name of the real-base table
 
-__all__ = ["Trainer", "DeepSpeedTrainer", "TrainConfig", "TrainError", "RunData", "METHODS", "RUN_DEFAULTS",
+__all__ = ["Trainer", "DeepSpeedTrainer", "TrainConfig", "TrainError", "RunFailed", "RunData", "METHODS",
+           "RUN_DEFAULTS",
            "BASE_DTYPES", "REAL_BASE_LR", "METHOD_DEFAULT_LR", "TINY_MODEL_LR", "TINY_COMPARISON_LR",
            "build_arg_parser", "config_from_args", "resolve_defaults", "is_resolved", "prepare_run", "build_trainer", "check_config", "base_dtype",
            "peft_config_from", "load_run_data", "lr_factor", "autocast", "batch_loss", "evaluate_loss",

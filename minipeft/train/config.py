@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from .. import assets_dir
-from ..fileio import Reservation, claim_output
+from ..reservation import Reservation, claim_output
 from ..peft import METHODS, PeftConfigError, get_method
 from ..family_registry import get_family
 
@@ -39,6 +39,11 @@ BASE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat1
 class TrainError(ValueError):
     """A training setup that cannot work (bad flag value, a DeepSpeed config contradicting the command line,
     a checkpoint of another run); the message names the flag, key or file."""
+
+
+class RunFailed(TrainError):
+    """A run that started and could not finish (a non-finite update; a stop on request, TrainStopped): the tools
+    exit 1 for it, and 2 for bad input."""
 
 
 @dataclass
@@ -202,7 +207,7 @@ def check_run_folder(cfg: TrainConfig, folder: Path) -> None:
 
 
 def reserve_run_folder(cfg: TrainConfig, folder: Optional[Path] = None) -> Reservation:
-    """Claim the run folder for this process until the run ends (fileio.claim_output; a claim it holds already is
+    """Claim the run folder for this process until the run ends (reservation.claim_output; a claim it holds already is
     joined): another process writing it -> TrainError in one line; under the claim check_run_folder runs again,
     and --overwrite (which removes RUN_FILES) may not remove an input of the run."""
     folder = Path(folder if folder is not None else cfg.out)

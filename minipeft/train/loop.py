@@ -41,7 +41,7 @@ from ..fileio import write_json_atomic
 from ..checkpoint import CheckpointError
 from ..peft import apply_peft, save_adapter
 from . import checkpoints
-from .config import TrainConfig, TrainError, is_resolved, reserve_run_folder
+from .config import RunFailed, TrainConfig, TrainError, is_resolved, reserve_run_folder
 from .data_setup import RunData
 from .evaluate import autocast, batch_loss, evaluate_loss, exact_match
 from .stopping import StopSignals, TrainStopped
@@ -229,14 +229,14 @@ class Trainer:
         return history
 
     def check_finite(self, metrics: dict) -> None:
-        """Stop (TrainError) when the loss or a trainable weight is no longer finite: every later step and the
+        """Stop (RunFailed) when the loss or a trainable weight is no longer finite: every later step and the
         adapter would be garbage. Nothing is saved after it."""
         hint = "lower --lr or --max-grad-norm, or train in fp32"
         if not math.isfinite(metrics["loss"]):
-            raise TrainError(f"step {self.step}: the training loss is {metrics['loss']}; stopping ({hint})")
+            raise RunFailed(f"step {self.step}: the training loss is {metrics['loss']}; stopping ({hint})")
         for name, p in self.trainable:
             if not bool(torch.isfinite(p.detach()).all()):
-                raise TrainError(f"step {self.step}: {name} holds non-finite values after the update; stopping ({hint})")
+                raise RunFailed(f"step {self.step}: {name} holds non-finite values after the update; stopping ({hint})")
 
     def log(self, metrics: dict) -> None:
         if not self.is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -46,6 +47,9 @@ def _prepare_checked(cfg: TrainConfig):
     cfg = resolve_defaults(cfg)
     reader = open_checkpoint(cfg.model)
     model_cfg = reader.config()
+    if cfg.max_seq_len > model_cfg.max_seq_len and os.environ.get("RANK", "0") == "0":
+        print(f"finetune: warning: --max-seq-len {cfg.max_seq_len} is longer than the model's max_seq_len "
+              f"{model_cfg.max_seq_len} ({cfg.model}); positions beyond it were never trained", file=sys.stderr)
     tokenizer = load_run_tokenizer(cfg, reader, model_cfg)
     data = load_run_data(cfg, tokenizer)
     if cfg.deepspeed is not None:

@@ -23,10 +23,10 @@ import signal
 import threading
 from typing import Optional, Tuple
 
-from .config import TrainError
+from .config import RunFailed, TrainError
 
 
-class TrainStopped(TrainError):
+class TrainStopped(RunFailed):
     """The run was stopped on request (a signal, MINIPEFT_STOP_AT_STEP) after writing a checkpoint."""
 
 STOP_AT_STEP_ENV = "MINIPEFT_STOP_AT_STEP"
