@@ -43,11 +43,14 @@ def demo_examples(tokenizer, split: str, n: int = None, instruction_contains: st
 
 def train_steps(model, examples, steps: int, lr: float, batch_size: int = 8, weight_decay: float = 0.0,
                 on_step=None):
-    """`steps` AdamW steps on the trainable parameters over `examples` in order (wrapping around).
+    """`steps` AdamW steps on the trainable parameters over `examples` in order (wrapping around); a PEFT
+    model's own optimizer groups (PeftModel.param_groups: LoRA+ trains B at a multiple of lr).
     on_step(step, model) is called after each step. Returns the loss of every step."""
     torch.manual_seed(0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # a PEFT model's groups (one per learning-rate multiple: LoRA+'s B), as the training loop builds them
+    groups = model.param_groups(lr) if hasattr(model, "param_groups") else params
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     model.train()
     losses = []
     for step in range(steps):

@@ -112,7 +112,7 @@ class LoRAConfig:
         _check_targets(self, LORA_TARGETS)
         require(isinstance(self.rslora, bool), f"{name}.rslora must be true or false, got {self.rslora!r}")
         require(self.init in LORA_INITS, f"{name}.init must be one of {LORA_INITS}, got {self.init!r}")
-        require(_is_number(self.lora_plus_ratio) and math.isfinite(self.lora_plus_ratio) and self.lora_plus_ratio > 0,
+        require(is_positive_number(self.lora_plus_ratio),
                 f"{name}.lora_plus_ratio must be a finite number > 0 (1: plain LoRA), got {self.lora_plus_ratio!r}")
         _check_extra_trainable(self)
 
