@@ -119,6 +119,7 @@ def test_bad_flags_give_clear_errors(capsys, tmp_path):
 
 
 def test_lr_flags():
+    from minipeft.peft import METHODS as REGISTERED                 # "all": every registered method
     assert compare.parse_method_values(["all=1e-4", "prompt=0.1"], "--lr") == {
-        **{m: 1e-4 for m in METHODS}, "prompt": 0.1}
+        **{m: 1e-4 for m in REGISTERED}, "prompt": 0.1}
     assert compare.parse_method_values(["lora=1e-3,3e-3"], "--sweep-lrs", many=True) == {"lora": (1e-3, 3e-3)}
